@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin for Optuna >= 4 (see README)."""
