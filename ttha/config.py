@@ -20,6 +20,12 @@ class ConfigError(ValueError):
 
 
 VALID_BITS = (2, 4, 8, 16)
+# Summary metrics a run returns to a sweeper (cfg.objectives names some of them).
+SUMMARY_METRICS = (
+    "eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
+    "eval/max_temp_c", "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac",
+    "eval/mean_latency_ms", "ttt/skip_frac", "pretrain/test_perplexity",
+)
 CHOICES = {
     "device": None,  # checked by _check_device
     "kernels": ("auto", "triton", "torch"),
@@ -121,6 +127,9 @@ def validate(cfg: DictConfig) -> None:
         objectives = [objectives]
     if len(objectives) == 0:
         raise ConfigError("objectives", list(objectives), "name at least one summary metric")
+    for i, name in enumerate(objectives):
+        if name not in SUMMARY_METRICS:
+            raise ConfigError(f"objectives[{i}]", name, f"must be one of {', '.join(SUMMARY_METRICS)}")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""PNG plots of a run's per-step records (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _col(rows: list[dict], key: str) -> list[float]:
+    return [r.get(key, float("nan")) for r in rows]
+
+
+def telemetry_timeline(rows: list[dict], targets: dict, path: Path) -> Path:
+    """Power and temperature per step, with their targets, and the TTT mode."""
+    steps = _col(rows, "step")
+    fig, (ax_p, ax_t, ax_m) = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    ax_p.plot(steps, _col(rows, "telemetry/power_w"), label="power")
+    ax_p.axhline(targets["power_w"], color="r", ls="--", label=f"target {targets['power_w']:.0f} W")
+    ax_p.set_ylabel("power [W]")
+    ax_p.legend(loc="upper right")
+    ax_t.plot(steps, _col(rows, "telemetry/temp_c"), color="tab:orange", label="temperature")
+    ax_t.axhline(targets["temp_c"], color="r", ls="--", label=f"target {targets['temp_c']:.0f} °C")
+    ax_t.set_ylabel("temperature [°C]")
+    ax_t.legend(loc="upper right")
+    ax_m.step(steps, _col(rows, "ttt/mode"), where="post", color="tab:green")
+    ax_m.set_yticks([0, 1, 2], ["skip", "light", "full"])
+    ax_m.set_ylabel("TTT")
+    ax_m.set_xlabel("test batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def expert_usage(rows: list[dict], expert_bits: list[int], path: Path) -> Path:
+    """Share of routed tokens per expert over time (stacked)."""
+    steps = _col(rows, "step")
+    shares = [_col(rows, f"experts/usage_{i}") for i in range(len(expert_bits))]
+    labels = [f"expert {i} ({b}-bit)" for i, b in enumerate(expert_bits)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.stackplot(steps, shares, labels=labels)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("test batch")
+    ax.set_ylabel("share of routed tokens")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_terms(rows: list[dict], path: Path) -> Path:
+    """Each TTHA loss term per adapter update."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for key in ("loss/task", "loss/power", "loss/temp", "loss/latency", "loss/throughput_bonus", "loss/total"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key.split("/")[1])
+    ax.set_xlabel("test batch")
+    ax.set_ylabel("loss term")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
