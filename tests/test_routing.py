@@ -1,0 +1,198 @@
+"""AdaptiveRouter, TTHAAdapter, ExpertLoadBalancer and the TTHA loss (random gate logits, no model)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ttha.costs import KernelCostModel, DEFAULT_PATH
+from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, TTHAAdapter, topk_route
+
+ROOT_CONF = DEFAULT_PATH.parents[2] / "conf"
+BITS = [16, 4, 2, 16, 4, 2]
+E, K, T, LAYERS = 6, 2, 256, 2
+
+
+def conf(group: str, name: str, **overrides):
+    cfg = OmegaConf.load(ROOT_CONF / group / f"{name}.yaml")
+    return OmegaConf.merge(cfg, overrides)
+
+
+def sample(power_w=200.0, temp_c=50.0, util_pct=80.0):
+    return SimpleNamespace(t=0.0, power_w=power_w, temp_c=temp_c, util_pct=util_pct, sm_clock_mhz=1980.0,
+                           energy_j=0.0, throttle_reasons=0)
+
+
+def make_router(name="ttha", objective=None, **router_overrides):
+    targets = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
+    return AdaptiveRouter(E, K, BITS, KernelCostModel.load(DEFAULT_PATH), conf("router", name, **router_overrides),
+                          objective or conf("objective", "default"), targets, "cpu")
+
+
+def serve_step(router, s, latency_ms=10.0, seed=0):
+    """One step: begin_step, route every layer's random gate logits (a fixed gate distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    router.begin_step(s, latency_ms)
+    for layer in range(LAYERS):
+        router(torch.randn(T, E, generator=g), layer)
+
+
+def cheap_share(router) -> float:
+    u = router.usage()
+    return float(sum(u[e] for e in range(E) if BITS[e] != 16))
+
+
+def test_topk_route_matches_a_reference():
+    logits, bias = torch.randn(5, E), torch.randn(E)
+    w, idx = topk_route(logits, bias, K)
+    p = torch.softmax(logits + bias, -1)
+    for t in range(5):
+        ref = sorted(range(E), key=lambda e: -p[t, e])[:K]
+        assert idx[t].tolist() == ref
+        assert w[t].tolist() == pytest.approx((p[t, ref] / p[t, ref].sum()).tolist(), rel=1e-5)
+
+
+def test_adapter_starts_neutral():
+    a = TTHAAdapter(3, 7, hidden=16)
+    assert torch.equal(a(torch.rand(E, 3), torch.rand(7)), torch.zeros(E))
+
+
+def test_cost_features_rank_experts_by_cost():
+    r = make_router()
+    f = r.cost_features  # columns: latency, energy, throughput (normalised)
+    assert f[:, 1].max() == pytest.approx(1.0)
+    assert f[0, 1] > f[1, 1] > f[2, 1]  # energy: 16-bit > int4 > int2 at small per-expert batches
+    assert f[2, 2] > f[0, 2]  # throughput: int2 faster than 16-bit
+
+
+def test_static_router_has_no_bias_and_routes_like_the_gate():
+    r = make_router("static")
+    r.begin_step(sample(power_w=900.0, temp_c=95.0), 500.0)  # far over every target
+    logits = torch.randn(T, E)
+    w, idx = r(logits, 0)
+    w_ref, idx_ref = topk_route(logits, None, K)
+    assert torch.equal(r.bias, torch.zeros(E))
+    assert torch.equal(idx, idx_ref) and torch.allclose(w, w_ref)
+    terms = r.update_ttha(sample(power_w=900.0), 10.0, 1.5)  # terms are computed, nothing learns
+    assert terms["power"] > 0 and torch.equal(r.bias, torch.zeros(E))
+
+
+def test_usage_counts_each_layer_once_per_step():
+    r = make_router("static")
+    r.begin_step(sample(), 0.0)
+    logits = torch.zeros(4, E)
+    logits[:, 3] = 5.0
+    logits[:, 1] = 4.0
+    r(logits, 0)
+    r(logits.clone().requires_grad_(), 0)  # a TTT forward of the same batch: not counted again
+    u = r.usage()
+    assert u.tolist() == pytest.approx([0, 0.5, 0, 0.5, 0, 0])
+    assert float(u.sum()) == pytest.approx(1.0)
+
+
+def test_adapter_gradient_nonzero_over_target_and_power_term_zero_under():
+    r = make_router(cost_bias_scale=0.0)
+    serve_step(r, sample(power_w=450.0))
+    terms = r.ttha_loss(sample(power_w=450.0), 10.0, 2.0)
+    assert terms["power"].item() > 0
+    terms["total"].backward()
+    grad = sum(float(p.grad.abs().sum()) for p in r.adapter.parameters() if p.grad is not None)
+    assert grad > 1e-6
+    # under target: the power term vanishes and a neutral adapter has no gradient from the power term
+    r2 = make_router(cost_bias_scale=0.0)
+    serve_step(r2, sample(power_w=250.0))
+    terms2 = r2.ttha_loss(sample(power_w=250.0), 10.0, 2.0)
+    assert terms2["power"].item() == 0.0 and terms2["temp"].item() == 0.0 and terms2["latency"].item() == 0.0
+    assert terms2["drift"].item() == pytest.approx(0.0, abs=1e-7)  # neutral adapter: routed == gate
+
+
+def test_update_ttha_returns_the_terms_and_sums_them():
+    r = make_router()
+    serve_step(r, sample(power_w=400.0, temp_c=85.0))
+    terms = r.update_ttha(sample(power_w=400.0, temp_c=85.0), 150.0, 2.25)
+    assert set(terms) == {"task", "power", "temp", "latency", "throughput_bonus", "drift", "total"}
+    assert terms["task"] == pytest.approx(2.25)
+    total = (terms["task"] + terms["power"] + terms["temp"] + terms["latency"] - terms["throughput_bonus"]
+             + terms["drift"])
+    assert terms["total"] == pytest.approx(total, rel=1e-6)
+    assert all(isinstance(v, float) for v in terms.values())
+
+
+def test_repeated_updates_under_tight_power_target_shift_routing_to_cheap_experts():
+    r = make_router(cost_bias_scale=0.0)  # the learned adapter alone
+    hot = sample(power_w=600.0)  # 2x the 300 W target
+    serve_step(r, hot, seed=123)
+    before = cheap_share(r)
+    for step in range(40):
+        serve_step(r, hot, seed=step)
+        r.update_ttha(hot, 10.0, 2.0)
+    serve_step(r, hot, seed=123)  # same logits as `before`, with the learned bias
+    after = cheap_share(r)
+    assert after > before + 0.05
+    b = r.bias
+    assert b[[1, 2, 4, 5]].mean() > b[[0, 3]].mean()  # cheap experts favoured
+    assert float(b.abs().max()) <= r.max_bias
+
+
+def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
+    r = make_router(cost_bias_scale=1.0)
+    r.begin_step(sample(power_w=250.0), 10.0)
+    assert torch.equal(r.bias, torch.zeros(E))  # under target, neutral adapter
+    r.begin_step(sample(power_w=450.0), 10.0)  # 50 % over: bias = -0.5 * normalised energy
+    assert torch.allclose(r.bias, -0.5 * r.cost_features[:, 1])
+    r.begin_step(sample(power_w=300.0 * 40), 10.0)
+    assert float(r.bias.min()) == pytest.approx(-r.max_bias)
+
+
+def test_dynamic_thermal_weight_raises_the_thermal_term_above_threshold():
+    hot = sample(temp_c=90.0)  # over the 80 C target and the 75 C threshold
+    values = {}
+    for dynamic in (False, True):
+        obj = conf("objective", "default", dynamic_thermal=dynamic)
+        r = make_router(objective=obj)
+        serve_step(r, hot)
+        values[dynamic] = r.ttha_loss(hot, 10.0, 2.0)["temp"].item()
+    boost = conf("objective", "default").thermal_boost
+    assert values[False] > 0
+    assert values[True] == pytest.approx(values[False] * (1 + boost * (90.0 - 75.0) / 10.0), rel=1e-5)
+    r = make_router()
+    assert r.thermal_weight(70.0) == r.obj["thermal_weight"]  # below the threshold: unchanged
+
+
+def test_balance_score_uniform_one_and_one_hot_zero():
+    b = ExpertLoadBalancer(E, alpha=0.5)
+    b.update(torch.full((E,), 1.0 / E))
+    assert b.balance_score == pytest.approx(1.0)
+    one_hot = ExpertLoadBalancer(E, alpha=0.5)
+    one_hot.update(torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    assert one_hot.balance_score == pytest.approx(0.0, abs=1e-6)
+    # EMA: after a one-hot step, a uniform step moves it halfway (alpha = 0.5)
+    one_hot.update(torch.full((E,), 1.0 / E))
+    assert one_hot.ema[0].item() == pytest.approx(0.5 + 0.5 / E)
+    assert 0.0 < one_hot.balance_score < 1.0
+    with pytest.raises(ValueError, match="balancer_alpha"):
+        ExpertLoadBalancer(E, alpha=0.0)
+
+
+def test_router_balance_score_follows_usage():
+    r = make_router("static", balancer_alpha=1.0)
+    r.begin_step(sample(), 0.0)
+    logits = torch.full((T, E), -10.0)
+    logits[:, :2] = 10.0  # two of six experts take everything
+    r(logits, 0)
+    assert r.balance_score == pytest.approx(math.log(2) / math.log(E), rel=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        AdaptiveRouter(2, 3, [16, 4], KernelCostModel.load(DEFAULT_PATH), conf("router", "ttha"),
+                       conf("objective", "default"), {"power_w": 1, "temp_c": 1, "latency_ms": 1})
+    r = make_router()
+    with pytest.raises(ValueError, match="logits"):
+        r(torch.zeros(4, E + 1), 0)
+    r.begin_step(sample(), 0.0)
+    with pytest.raises(RuntimeError, match="no gate logits"):
+        r.update_ttha(sample(), 0.0, 1.0)

@@ -1,0 +1,145 @@
+"""TTT policy decisions with synthetic telemetry, and the trainer's full / light / skip steps."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ttha.costs import KernelCostModel
+from ttha.ttt import TestTimeTrainer, TTTPolicy, light_parameters
+
+TARGETS = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
+TOKENS = 512
+
+
+def cost_model(energy=True):
+    """TTT full: 20 ms, 4 J (200 W over a 20 ms step); light: 5 ms, 1 J — flat in batch size."""
+    def op(lat, e):
+        return {"batch_sizes": [1, 4096], "latency_ms": [lat, lat], "energy_j": [e, e] if energy else None}
+    return KernelCostModel({"schema_version": 1, "gpu": "test", "estimated": False, "source": "unit test",
+                            "shape": {"d_model": 8, "d_ff": 16},
+                            "ops": {"ttt_full": op(20.0, 4.0), "ttt_light": op(5.0, 1.0)}})
+
+
+def sample(power_w, temp_c=60.0):
+    return SimpleNamespace(power_w=power_w, temp_c=temp_c, util_pct=90.0, sm_clock_mhz=1900.0, energy_j=0.0)
+
+
+def policy(name="budget", energy=True):
+    return TTTPolicy(OmegaConf.create({"policy": name, "full_lr": 1e-3, "light_lr": 1e-2}), cost_model(energy),
+                     TARGETS)
+
+
+@pytest.mark.parametrize("power_w, temp_c, latency_ms, mode, why", [
+    # step time 40 ms: full adds 4 J / 40 ms = 100 W, light 1 J / 40 ms = 25 W
+    (150.0, 60.0, 40.0, "full", "fit"),
+    (250.0, 60.0, 40.0, "light", "power 250+100 W > target 300 W"),   # full 350 W > 300, light 275 W
+    (290.0, 60.0, 40.0, "skip", "power 290+25 W > target 300 W"),     # even light breaks the budget
+    (150.0, 85.0, 40.0, "skip", "temp 85.0 C >= target 80.0 C"),      # hot: no TTT at all
+    (150.0, 60.0, 90.0, "light", "latency 90.0+20.0 ms > target"),    # latency headroom for light only
+    (150.0, 60.0, 97.0, "skip", "latency 97.0+5.0 ms > target"),
+    # first step (no latency yet): the TTT step's own latency is the step time, 4 J / 20 ms = 200 W
+    (90.0, 60.0, 0.0, "full", "fit"),
+    (150.0, 60.0, 0.0, "skip", "power 150+200 W > target 300 W"),
+])
+def test_budget_policy_decisions(power_w, temp_c, latency_ms, mode, why):
+    got, reason = policy().decide(sample(power_w, temp_c), TOKENS, latency_ms)
+    assert got == mode, reason
+    assert why in reason and reason.startswith(mode)
+
+
+def test_budget_policy_prediction_and_unknown_energy():
+    extra_w, extra_ms = policy().predict("full", TOKENS, 0.0)
+    assert extra_w == pytest.approx(4.0 / 0.020) and extra_ms == 20.0
+    # a CPU-profiled cost model has no energy: only temperature and latency decide
+    mode, reason = policy(energy=False).decide(sample(1000.0), TOKENS, 40.0)
+    assert mode == "full" and "power unknown" in reason
+
+
+def test_fixed_policies_and_bad_policy():
+    assert policy("always").decide(sample(1000.0, 99.0), TOKENS, 500.0)[0] == "full"
+    assert policy("never").decide(sample(10.0, 20.0), TOKENS, 1.0)[0] == "skip"
+    with pytest.raises(ValueError, match="ttt.policy"):
+        TTTPolicy({"policy": "sometimes"}, cost_model(), TARGETS)
+
+
+class StandIn(nn.Module):
+    """A byte LM with a norm, a gate, an expert and a packed (buffer) quantized weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 16)
+        self.norm = nn.LayerNorm(16)
+        self.gate = nn.Linear(16, 4, bias=False)
+        self.expert = nn.Linear(16, 16)
+        self.register_buffer("packed", torch.randint(0, 255, (8,), dtype=torch.uint8))
+        self.head = nn.Linear(16, 256)
+
+    def forward(self, idx):
+        h = self.norm(self.embed(idx))
+        h = h + self.expert(h) * torch.softmax(self.gate(h), -1)[..., :1]
+        return self.head(h)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def batch(seed=0):
+    return torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def test_light_step_changes_only_norms_and_gates():
+    torch.manual_seed(0)
+    model = StandIn()
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-3, "light_lr": 1e-2}))
+    assert {id(p) for p in light_parameters(model)} == {id(p) for p in
+                                                      (*model.norm.parameters(), *model.gate.parameters())}
+    before = snapshot(model)
+    loss = trainer.step(batch(), "light")
+    after = snapshot(model)
+    assert isinstance(loss, float) and loss > 0
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"norm.weight", "norm.bias", "gate.weight"}
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(("norm", "gate")))
+
+
+def test_full_step_changes_every_float_parameter_and_lowers_the_loss():
+    torch.manual_seed(0)
+    model = StandIn()
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    before = snapshot(model)
+    losses = [trainer.step(batch(), "full") for _ in range(5)]
+    after = snapshot(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k, _ in model.named_parameters()}  # the uint8 buffer is untouched
+    assert losses[-1] < losses[0]
+
+
+def test_skip_does_no_work():
+    model = StandIn()
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-3, "light_lr": 1e-3}))
+    before = snapshot(model)
+    assert trainer.step(batch(), "skip") is None
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with pytest.raises(ValueError, match="mode"):
+        trainer.step(batch(), "half")
+
+
+def test_light_step_on_the_moe_model():
+    model_mod = pytest.importorskip("ttha.model")
+    cfg = OmegaConf.load(__import__("pathlib").Path(__file__).parents[1] / "conf" / "model" / "tiny.yaml")
+    cfg.dtype = "fp32"
+    torch.manual_seed(0)
+    model = model_mod.MoELM(cfg)
+    light = {id(p) for p in light_parameters(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in light}
+    assert names and all("norm" in n.lower() or "gate" in n or "router" in n for n in names), names
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-3, "light_lr": 1e-2}))
+    before = snapshot(model)
+    trainer.step(batch(), "light")
+    changed = {k for k, v in snapshot(model).items() if not torch.equal(before[k], v)}
+    assert changed and changed <= names

@@ -1,0 +1,294 @@
+"""Hardware-adaptive MoE routing: AdaptiveRouter, TTHAAdapter, ExpertLoadBalancer and the TTHA loss.
+
+The router plugs into MoELM.set_router: (gate logits [T, E] fp32, layer) -> (weights [T, k], indices [T, k])
+= top-k of softmax(logits + bias), renormalised. For router.name == 'ttha' the bias is
+
+    adapter bias   TTHAAdapter(cost features [E, C], hardware features [H]) -> [E], learned online
+  + cost bias      -cost_bias_scale * (s_power * energy_e + s_temp * energy_e + s_latency * latency_e)
+
+where s_x = max(0, reading / target - 1) (how far a reading is over its target) and energy_e, latency_e
+are the expert's per-token costs from the KernelCostModel, normalised by the most expensive expert.
+The static router adds no bias.
+
+The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls
+(DESIGN.md): each hardware term is (a constant over-target factor) x (expected cost under the current
+soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttha.costs import KernelCostModel, expert_op
+
+try:  # the Triton top-k kernel lands from the kernels helper; the torch path is always there
+    from ttha import kernels as _kernels
+
+    _HAS_TOPK_KERNEL = hasattr(_kernels, "topk_router") and hasattr(_kernels, "use_triton")
+except ImportError:  # pragma: no cover
+    _kernels, _HAS_TOPK_KERNEL = None, False
+
+COST_FEATURES = ("latency", "energy", "throughput")  # per expert, each normalised to [0, 1]
+HW_FEATURES = ("power/target", "temp/target", "util", "latency/target",
+               "power_over", "temp_over", "latency_over")
+RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
+
+
+def _cfg(node, key: str, default):
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
+def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
+    z = logits if bias is None else logits + bias
+    probs = torch.softmax(z.float(), dim=-1)
+    weights, indices = probs.topk(k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), indices
+
+
+class TTHAAdapter(nn.Module):
+    """Per-expert bias from cost features [E, C] and hardware features [H]: a small MLP shared by the
+    experts (so it generalises over cost levels), last layer zero-initialised so it starts neutral."""
+
+    def __init__(self, n_cost_features: int = len(COST_FEATURES), n_hw_features: int = len(HW_FEATURES),
+                 hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_cost_features + n_hw_features, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, cost_features: torch.Tensor, hw_features: torch.Tensor) -> torch.Tensor:
+        e = cost_features.shape[0]
+        x = torch.cat([cost_features, hw_features.expand(e, -1)], dim=-1)
+        return self.net(x).squeeze(-1)
+
+
+class ExpertLoadBalancer:
+    """EMA of the per-expert share of routed tokens. balance_score = normalised entropy of the EMA:
+    1 for uniform load, 0 when one expert takes everything."""
+
+    def __init__(self, n_experts: int, alpha: float = 0.1):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"balancer_alpha={alpha!r}: must be in (0, 1]")
+        self.n_experts, self.alpha = n_experts, float(alpha)
+        self.ema = torch.full((n_experts,), 1.0 / n_experts, dtype=torch.float64)
+        self.updates = 0
+
+    def update(self, shares) -> None:
+        shares = torch.as_tensor(shares, dtype=torch.float64).flatten().cpu()
+        if shares.numel() != self.n_experts:
+            raise ValueError(f"shares: expected {self.n_experts} values, got {shares.numel()}")
+        total = float(shares.sum())
+        if total <= 0:
+            return
+        shares = shares / total
+        # the first observation replaces the uniform prior instead of being smoothed into it
+        self.ema = shares.clone() if self.updates == 0 else (1 - self.alpha) * self.ema + self.alpha * shares
+        self.updates += 1
+
+    @property
+    def balance_score(self) -> float:
+        if self.n_experts == 1:
+            return 1.0
+        p = self.ema.clamp_min(0)
+        entropy = -float((p * torch.log(p.clamp_min(1e-12))).sum())
+        return max(0.0, min(1.0, entropy / math.log(self.n_experts)))
+
+
+class AdaptiveRouter:
+    """Routes with gate logits + TTHA biases; records gate logits and expert usage per step."""
+
+    def __init__(self, n_experts: int, top_k: int, expert_bits, cost_model: KernelCostModel, router_cfg,
+                 objective_cfg, targets_cfg, device=None):
+        if not 1 <= int(top_k) <= int(n_experts):
+            raise ValueError(f"top_k={top_k!r}: must be in 1..n_experts={n_experts}")
+        bits = [int(b) for b in expert_bits]
+        if len(bits) != n_experts:
+            raise ValueError(f"expert_bits: expected {n_experts} entries, got {len(bits)}")
+        self.n_experts, self.top_k, self.bits = int(n_experts), int(top_k), bits
+        self.cost_model = cost_model
+        self.device = torch.device(device if device is not None else "cpu")
+        self.name = str(_cfg(router_cfg, "name", "static"))
+        self.adaptive = self.name == "ttha"
+        self.cost_bias_scale = float(_cfg(router_cfg, "cost_bias_scale", 0.0))
+        self.max_bias = float(_cfg(router_cfg, "max_bias", 6.0))
+        self.obj = {k: float(_cfg(objective_cfg, k, d)) for k, d in (
+            ("task_weight", 1.0), ("power_weight", 1.0), ("thermal_weight", 1.0), ("latency_weight", 0.5),
+            ("throughput_weight", 0.1), ("thermal_threshold_c", 75.0), ("thermal_boost", 2.0))}
+        self.dynamic_thermal = bool(_cfg(objective_cfg, "dynamic_thermal", True))
+        self.targets = {k: float(_cfg(targets_cfg, k, 0.0)) for k in ("power_w", "temp_c", "latency_ms")}
+        for k, v in self.targets.items():
+            if v <= 0:
+                raise ValueError(f"targets.{k}={v!r}: must be > 0")
+        self.balancer = ExpertLoadBalancer(self.n_experts, float(_cfg(router_cfg, "balancer_alpha", 0.1)))
+
+        self._cost_batch = None  # per-expert tokens the cost features were computed for
+        self.cost_features = self._expert_cost_features(64.0)
+        self.adapter = self.optimizer = None
+        if self.adaptive:
+            self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
+                                       int(_cfg(router_cfg, "adapter_hidden", 32))).to(self.device)
+            self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=float(_cfg(router_cfg, "lr", 0.05)))
+        self._bias: torch.Tensor | None = None
+        self._logits: dict[int, torch.Tensor] = {}
+        self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
+        self._folded = True
+
+    # ---- costs and features ------------------------------------------------------------------------
+    def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
+        """[E, 3]: per-token latency, energy and throughput of each expert at this per-expert batch,
+        each divided by its maximum over the experts (energy falls back to latency when unknown)."""
+        tokens_per_expert = max(1.0, float(tokens_per_expert))
+        if self._cost_batch == tokens_per_expert:
+            return self.cost_features
+        costs = [self.cost_model.get_cost(expert_op(b), tokens_per_expert) for b in self.bits]
+        lat = torch.tensor([c.latency_ms for c in costs], dtype=torch.float32)
+        energy = (lat.clone() if any(c.energy_j is None for c in costs)
+                  else torch.tensor([c.energy_j for c in costs], dtype=torch.float32))
+        tput = 1.0 / lat.clamp_min(1e-9)
+        feats = torch.stack([lat / lat.max(), energy / energy.max(), tput / tput.max()], dim=-1)
+        self._cost_batch = tokens_per_expert
+        self.cost_features = feats.to(self.device)
+        return self.cost_features
+
+    def over_target(self, sample, latency_ms: float) -> dict[str, float]:
+        """How far each reading is over its target, >= 0 (0 at or under target)."""
+        return {"power": max(0.0, float(sample.power_w) / self.targets["power_w"] - 1.0),
+                "temp": max(0.0, float(sample.temp_c) / self.targets["temp_c"] - 1.0),
+                "latency": max(0.0, float(latency_ms) / self.targets["latency_ms"] - 1.0)}
+
+    def thermal_weight(self, temp_c: float) -> float:
+        """Thermal weight, raised linearly above the threshold when dynamic_thermal is on."""
+        w = self.obj["thermal_weight"]
+        excess = float(temp_c) - self.obj["thermal_threshold_c"]
+        if self.dynamic_thermal and excess > 0:
+            w *= 1.0 + self.obj["thermal_boost"] * excess / 10.0
+        return w
+
+    def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
+        t = self.targets
+        ratios = [float(sample.power_w) / t["power_w"], float(sample.temp_c) / t["temp_c"],
+                  float(getattr(sample, "util_pct", 0.0) or 0.0) / 100.0, float(latency_ms) / t["latency_ms"]]
+        over = [min(v, RATIO_CLAMP) for v in self.over_target(sample, latency_ms).values()]
+        feats = [min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over
+        return torch.tensor(feats, dtype=torch.float32, device=self.device)
+
+    def _cost_bias(self, strain: dict[str, float]) -> torch.Tensor:
+        f = self.cost_features
+        return -self.cost_bias_scale * ((strain["power"] + strain["temp"]) * f[:, 1] + strain["latency"] * f[:, 0])
+
+    # ---- the routing callable ----------------------------------------------------------------------
+    def begin_step(self, sample, latency_ms: float) -> None:
+        """Start a step: fold the last step's usage into the balancer, clear the records, compute the bias
+        for this step from the latest telemetry (no grad)."""
+        self._fold()
+        self._logits = {}
+        self._counts.zero_()
+        if not self.adaptive:
+            self._bias = None
+            return
+        with torch.no_grad():
+            bias = self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
+            bias = bias + self._cost_bias(self.over_target(sample, latency_ms))
+            self._bias = bias.clamp(-self.max_bias, self.max_bias).float()
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if logits.dim() != 2 or logits.shape[-1] != self.n_experts:
+            raise ValueError(f"logits: expected [T, {self.n_experts}], got {list(logits.shape)}")
+        bias = self._bias
+        if bias is not None and bias.device != logits.device:
+            bias = self._bias = bias.to(logits.device)
+        needs_grad = torch.is_grad_enabled() and logits.requires_grad
+        if _HAS_TOPK_KERNEL and not needs_grad and _kernels.use_triton(logits):
+            b = bias if bias is not None else torch.zeros(self.n_experts, device=logits.device)
+            weights, indices = _kernels.topk_router(logits.float(), b, self.top_k)
+        else:
+            weights, indices = topk_route(logits.float(), bias, self.top_k)
+        # One record per layer per step: the serving (prequential) forward; a TTT forward of the same
+        # batch routes the same tokens again and must not double the usage or the loss.
+        if layer not in self._logits:
+            self._logits[layer] = logits.detach().float()
+            if self._counts.device != indices.device:
+                self._counts = self._counts.to(indices.device)
+            self._counts += torch.bincount(indices.flatten(), minlength=self.n_experts)
+            self._folded = False
+            self._update_cost_batch(logits.shape[0])
+        return weights, indices
+
+    def _update_cost_batch(self, tokens: int) -> None:
+        per_expert = float(2 ** round(math.log2(max(1.0, tokens * self.top_k / self.n_experts))))
+        if per_expert != self._cost_batch:  # batch size changed: costs per token at the new operating point
+            self._expert_cost_features(per_expert)
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def usage(self) -> torch.Tensor:
+        """Share of routed tokens per expert in the current step (all layers), [E] on the CPU."""
+        counts = self._counts.double().cpu()
+        total = float(counts.sum())
+        return counts / total if total > 0 else torch.full((self.n_experts,), 1.0 / self.n_experts,
+                                                          dtype=torch.float64)
+
+    def _fold(self) -> None:
+        if not self._folded:
+            self.balancer.update(self.usage())
+            self._folded = True
+
+    @property
+    def balance_score(self) -> float:
+        self._fold()
+        return self.balancer.balance_score
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Per-expert bias applied in this step (zeros for the static router)."""
+        if self._bias is None:
+            return torch.zeros(self.n_experts, device=self.device)
+        return self._bias.detach().clone()
+
+    # ---- the TTHA loss -----------------------------------------------------------------------------
+    def ttha_loss(self, sample, latency_ms: float, task_loss: float) -> dict[str, torch.Tensor]:
+        """The loss terms from this step's recorded gate logits; 'total' carries gradient to the adapter."""
+        if not self._logits:
+            raise RuntimeError("update_ttha: no gate logits recorded this step (call the model after begin_step)")
+        device = self.device
+        logits = torch.cat([v.to(device) for v in self._logits.values()], dim=0)  # [L*T, E]
+        strain = self.over_target(sample, latency_ms)
+        f = self.cost_features
+        bias = self._cost_bias(strain)
+        if self.adaptive:
+            bias = bias + self.adapter(f, self.hw_features(sample, latency_ms))
+        bias = bias.clamp(-self.max_bias, self.max_bias)
+        log_p = torch.log_softmax(logits + bias, dim=-1)
+        p_bar = log_p.exp().mean(0)  # expected share per expert over tokens and layers
+        log_q = torch.log_softmax(logits, dim=-1)
+        drift = (log_q.exp() * (log_q - log_p)).sum(-1).mean()  # KL(gate || routed)
+        o = self.obj
+        energy, lat, tput = f[:, 1], f[:, 0], f[:, 2]
+        terms = {
+            "task": torch.tensor(float(task_loss), device=device),
+            "power": o["power_weight"] * strain["power"] * (p_bar * energy).sum(),
+            "temp": self.thermal_weight(sample.temp_c) * strain["temp"] * (p_bar * energy).sum(),
+            "latency": o["latency_weight"] * strain["latency"] * (p_bar * lat).sum(),
+            "throughput_bonus": o["throughput_weight"] * (p_bar * tput).sum(),
+            "drift": o["task_weight"] * drift,
+        }
+        terms["total"] = (terms["task"] + terms["power"] + terms["temp"] + terms["latency"]
+                          - terms["throughput_bonus"] + terms["drift"])
+        return terms
+
+    def update_ttha(self, sample, latency_ms: float, task_loss: float) -> dict[str, float]:
+        """One Adam step of the adapter on the TTHA loss of this step's recorded logits (no model forward).
+        The static router computes and returns the terms without learning anything."""
+        with torch.set_grad_enabled(self.adaptive):
+            terms = self.ttha_loss(sample, latency_ms, task_loss)
+            if self.adaptive:
+                self.optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                self.optimizer.step()
+        values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one device sync
+        return dict(zip(terms.keys(), values))
