@@ -1,0 +1,314 @@
+"""Stress scenarios: load on the run's GPU from outside the run.
+
+Kinds: none, matmul (the seeds' size x size fp16 matmul loop at a duty cycle), bursty (on_s / off_s),
+thermal_ramp (duty rising 0 -> 1 over ramp_s). A `Schedule` gives the load level at each time; the
+matmul loop realises it as on/off within period_s.
+
+Backends: on a CUDA device a managed child process (spawn) on the same GPU; under sim telemetry a
+thread that adds simulated power (monitor.set_external_power); `cpu` is a tiny numpy stand-in
+child so the process lifecycle is testable without a GPU.
+
+The child never outlives the run: the parent stops it on stop()/__exit__/atexit (SIGTERM, then
+SIGKILL), install_signal_handlers() turns SIGTERM into KeyboardInterrupt so the run's cleanup
+runs, and the child dies by itself when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG, plus a
+watchdog on os.getppid()). PDEATHSIG follows the parent *thread*: start stressors from the main thread.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ttha.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "matmul", "bursty", "thermal_ramp")
+BACKENDS = ("auto", "sim", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Load level over time since the stressor started (picklable: the child gets a copy)."""
+    kind: str
+    duty_cycle: float = 1.0
+    period_s: float = 0.5
+    on_s: float = 2.0
+    off_s: float = 2.0
+    ramp_s: float = 60.0
+
+    def level(self, t: float) -> float:
+        """Average load in [0, 1] at time t (what a power meter averaging over a period sees)."""
+        if self.kind == "matmul":
+            return self.duty_cycle
+        if self.kind == "bursty":
+            return 1.0 if (t % (self.on_s + self.off_s)) < self.on_s else 0.0
+        if self.kind == "thermal_ramp":
+            return min(1.0, max(0.0, t / self.ramp_s))
+        return 0.0
+
+    def on(self, t: float) -> bool:
+        """Whether the matmul loop runs at time t: the level as on/off within each period_s."""
+        return (t % self.period_s) < self.level(t) * self.period_s
+
+
+# ----------------------------------------------------------------------------- child process
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the parent dies: the kernel's PDEATHSIG on Linux, and a watchdog thread anywhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+    def watchdog() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
+
+def _child_main(schedule: Schedule, backend: str, device: str, size: int, dtype: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the process group: the parent stops us
+    if backend == "cuda":
+        import torch
+        dev = torch.device(device)
+        torch.cuda.set_device(dev)
+        dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        a = torch.randn(size, size, device=dev, dtype=dt)
+        b = torch.randn(size, size, device=dev, dtype=dt)
+
+        def work() -> None:
+            for _ in range(4):
+                torch.mm(a, b)
+            torch.cuda.synchronize(dev)  # keep the queue short so the on/off schedule is honoured
+    else:
+        import numpy as np
+        a = np.random.rand(size, size).astype(np.float32)
+
+        def work() -> None:
+            a @ a
+    t0 = time.monotonic()
+    while True:
+        t = time.monotonic() - t0
+        if schedule.on(t):
+            work()
+        else:
+            time.sleep(min(0.01, schedule.period_s / 20))
+
+
+# ----------------------------------------------------------------------------- stressors
+
+_LIVE: set["Stressor"] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for s in list(_LIVE):
+        s.stop()
+
+
+class Stressor:
+    """Base: the `none` stressor. A context manager that stops (never starts) the stress on exit:
+    the run starts it after warm-up with start()."""
+
+    kind = "none"
+    backend = "none"
+    pid: int | None = None
+
+    def start(self) -> "Stressor":
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    @property
+    def running(self) -> bool:
+        return False
+
+    def __enter__(self) -> "Stressor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ProcessStressor(Stressor):
+    """A matmul loop in a spawned child process on `device` (cuda:N, or cpu for the stand-in)."""
+
+    def __init__(self, schedule: Schedule, backend: str, device: str, size: int, dtype: str,
+                 stop_timeout_s: float = 5.0):
+        self.schedule, self.backend, self.device = schedule, backend, device
+        self.kind = schedule.kind
+        self.size, self.dtype, self.stop_timeout_s = size, dtype, stop_timeout_s
+        self._proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def start(self) -> "ProcessStressor":
+        if self.running:
+            return self
+        ctx = mp.get_context("spawn")  # fork would copy the parent's CUDA context and threads
+        self._proc = ctx.Process(target=_child_main, name=f"ttha-stress-{self.kind}", daemon=True,
+                                 args=(self.schedule, self.backend, self.device, self.size, self.dtype,
+                                       os.getpid()))
+        self._proc.start()
+        _LIVE.add(self)
+        log.info("stressor %s started on %s (pid %d)", self.kind, self.device, self._proc.pid)
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        _LIVE.discard(self)
+        if proc is None:
+            return
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(self.stop_timeout_s)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
+        if proc.exitcode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+            log.warning("stressor %s exited with code %s before it was stopped", self.kind, proc.exitcode)
+        log.info("stressor %s stopped", self.kind)
+
+
+class SimStressor(Stressor):
+    """Under sim telemetry: a thread adding sim_power_w x level(t) of simulated power (sim seconds)."""
+
+    backend = "sim"
+
+    def __init__(self, schedule: Schedule, sim_power_w: float, monitor, rate_hz: float = 20.0):
+        self.schedule, self.sim_power_w, self.monitor = schedule, sim_power_w, monitor
+        self.kind = schedule.kind
+        self.rate_hz = rate_hz
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self, t0: float) -> None:
+        while True:
+            self.monitor.set_external_power(self.sim_power_w * self.schedule.level(self.monitor.clock() - t0))
+            if self._stop.wait(1.0 / self.rate_hz):
+                break
+        self.monitor.set_external_power(0.0)
+
+    def start(self) -> "SimStressor":
+        if self.running:
+            return self
+        self._stop.clear()
+        self.monitor.set_external_power(self.sim_power_w * self.schedule.level(0.0))
+        self._thread = threading.Thread(target=self._loop, args=(self.monitor.clock(),),
+                                        name=f"ttha-sim-stress-{self.kind}", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        _LIVE.discard(self)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self.monitor.set_external_power(0.0)
+
+
+# ----------------------------------------------------------------------------- building and signals
+
+def _num(cfg: Any, key: str, default: float, low: float, high: float | None = None,
+         strict_low: bool = False) -> float:
+    value = cfg.get(key, default)
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not bad:
+        bad = (value <= low) if strict_low else (value < low)
+        bad = bad or (high is not None and value > high)
+    if bad:
+        rng = f"> {low}" if strict_low else f">= {low}"
+        raise ConfigError(f"stress.{key}", value, f"must be a number {rng}" + (f" and <= {high}" if high else ""))
+    return float(value)
+
+
+def build_stressor(cfg: Any, device, monitor, backend: str | None = None) -> Stressor:
+    """The stressor named by cfg.stress. backend: auto (sim under sim telemetry, else the GPU),
+    sim, cuda, cpu (the test stand-in); cfg.stress.backend is read when the argument is None."""
+    kind = cfg.get("kind", "none")
+    if kind not in KINDS:
+        raise ConfigError("stress.kind", kind, f"must be one of {', '.join(KINDS)}")
+    backend = backend or cfg.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ConfigError("stress.backend", backend, f"must be one of {', '.join(BACKENDS)}")
+    if kind == "none":
+        return Stressor()
+    schedule = Schedule(kind, duty_cycle=_num(cfg, "duty_cycle", 1.0, 0.0, 1.0),
+                        period_s=_num(cfg, "period_s", 0.5, 0.0, strict_low=True),
+                        on_s=_num(cfg, "on_s", 2.0, 0.0), off_s=_num(cfg, "off_s", 2.0, 0.0),
+                        ramp_s=_num(cfg, "ramp_s", 60.0, 0.0, strict_low=True))
+    if kind == "bursty" and schedule.on_s + schedule.off_s <= 0:
+        raise ConfigError("stress.on_s", schedule.on_s, "on_s + off_s must be > 0")
+    size = int(_num(cfg, "size", 4096, 1.0))
+    dtype = cfg.get("dtype", "fp16")
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ConfigError("stress.dtype", dtype, "must be one of fp16, bf16, fp32")
+    sim_power_w = _num(cfg, "sim_power_w", 250.0, 0.0)
+
+    dev_type = getattr(device, "type", str(device))
+    if backend == "auto":
+        if monitor is not None and monitor.source == "sim":
+            backend = "sim"
+        elif dev_type == "cuda":
+            backend = "cuda"
+        else:
+            log.warning("stress=%s ignored: telemetry is %s on a %s device (no GPU to load, no simulator)",
+                        kind, getattr(monitor, "source", None), dev_type)
+            return Stressor()
+    if backend == "sim":
+        if monitor is None:
+            raise ConfigError("stress.backend", "sim", "needs a monitor with sim telemetry")
+        return SimStressor(schedule, sim_power_w, monitor)
+    if backend == "cuda":
+        if dev_type != "cuda":
+            raise ConfigError("stress.backend", "cuda", f"the run's device is {device}")
+        return ProcessStressor(schedule, "cuda", str(device), size, dtype)
+    return ProcessStressor(schedule, "cpu", "cpu", min(size, 64), dtype)
+
+
+def _sigterm_to_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def install_signal_handlers() -> bool:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, so `with`/finally cleanup runs (the
+    stressor stops, the MLflow run is marked KILLED). Only when SIGTERM has its default handler and
+    we are in the main thread; returns whether the handler is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _sigterm_to_interrupt:
+        return True
+    if current not in (signal.SIG_DFL, None):
+        return False
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    return True

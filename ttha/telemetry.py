@@ -1,0 +1,446 @@
+"""GPU telemetry: one monitor, three sources (nvml | sim | replay), read by a background sampler.
+
+The hot loop only calls `GpuSystemMonitor.latest()`, which returns the last sample the sampler
+thread stored (an attribute read, no lock, no NVML call). A failed read keeps the last sample
+and counts the error; the run never crashes on telemetry.
+
+- nvml: nvidia-ml-py. Power/temperature/utilisation/SM clock/throttle reasons every sample; the
+  energy counter (~3.9 ms a read) every `energy_every`-th sample, integrated power in between.
+- sim: a simulated H100 (`SimGpu`): power follows the work the run reports plus simulated
+  stress, temperature follows a two-node thermal model fitted on the measured H100 trace.
+- replay: a recorded trace (the probe trace's format), looped, at `replay_speed`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ttha.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACE = Path(__file__).parent / "resources" / "h100_probe_trace_10hz.json"
+# NVML throttle-reason bits the simulator sets (same values as pynvml's constants).
+THROTTLE_SW_POWER_CAP = 0x4
+THROTTLE_SW_THERMAL = 0x20
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    t: float             # seconds since the monitor started, on the source's clock (sim: simulated s)
+    power_w: float
+    temp_c: float
+    util_pct: float
+    sm_clock_mhz: float
+    energy_j: float      # since the monitor started
+    throttle_reasons: int = 0
+
+
+NAN_SAMPLE = TelemetrySample(0.0, math.nan, math.nan, math.nan, math.nan, 0.0, 0)
+
+
+# ----------------------------------------------------------------------------- traces and the thermal model
+
+def load_trace(path: str | Path | None = None) -> dict[str, np.ndarray]:
+    """A probe trace (list of {t, phase, p, T, e, u, clk}) as column arrays; None = the shipped one."""
+    path = Path(path) if path is not None else DEFAULT_TRACE
+    rows = json.loads(path.read_text())
+    if not rows or not all(k in rows[0] for k in ("t", "p", "T", "e", "u", "clk")):
+        raise ValueError(f"trace {path}: expected a list of records with t, p, T, e, u, clk")
+    cols = {k: np.array([r[k] for r in rows], dtype=float) for k in ("t", "p", "T", "e", "u", "clk")}
+    cols["t"] = cols["t"] - cols["t"][0]
+    cols["phase"] = np.array([r.get("phase", "") for r in rows])
+    return cols
+
+
+class ThermalModel:
+    """Two-node (Foster) RC model: T = ambient + sum_i r_i * (x_i - idle), x_i = power low-passed
+    with time constant tau_i. A fast node (die, sub-second) and a slow one (package/heatsink)."""
+
+    def __init__(self, ambient_c: float, idle_w: float, r_fast: float, tau_fast: float,
+                 r_slow: float, tau_slow: float):
+        self.ambient_c, self.idle_w = ambient_c, idle_w
+        self.r = np.array([r_fast, r_slow])
+        self.tau = np.array([tau_fast, tau_slow])
+        self.x = np.full(2, float(idle_w))  # starts at steady idle
+
+    def step(self, power_w: float, dt: float) -> float:
+        """Advance dt seconds with constant power (exact for any dt); return the temperature."""
+        a = np.exp(-dt / self.tau)
+        self.x = a * self.x + (1.0 - a) * power_w
+        return self.temp_c
+
+    @property
+    def temp_c(self) -> float:
+        return float(self.ambient_c + self.r @ (self.x - self.idle_w))
+
+
+def true_power(trace: dict[str, np.ndarray], lead_s: float) -> np.ndarray:
+    """NVML reports a ~1 s running average (the trace's power ramps over ~1 s while temperature
+    moves within 0.1 s), so the power the die sees is approximated by the reading lead_s later."""
+    return np.interp(trace["t"] + lead_s, trace["t"], trace["p"])
+
+
+def simulate_temperature(trace: dict[str, np.ndarray], params: dict[str, float]) -> np.ndarray:
+    """Replay a trace's power through the thermal model; the temperature at each sample."""
+    p = true_power(trace, params["lead_s"])
+    model = ThermalModel(params["ambient_c"], params["idle_w"], params["r_fast"], params["tau_fast"],
+                         params["r_slow"], params["tau_slow"])
+    model.x[:] = p[0]
+    out = np.empty(len(p))
+    out[0] = model.temp_c
+    for i in range(1, len(p)):
+        out[i] = model.step(p[i - 1], trace["t"][i] - trace["t"][i - 1])
+    return out
+
+
+def fit_thermal(trace: dict[str, np.ndarray], idle_w: float = 78.0, lead_s: float = 0.5,
+                taus: np.ndarray | None = None) -> dict[str, float]:
+    """Least-squares fit of the two-node model: grid over (tau_fast, tau_slow); for each pair the
+    model is linear in (ambient, r_fast, r_slow), solved with lstsq; gains constrained >= 0."""
+    taus = np.geomspace(0.05, 200.0, 60) if taus is None else np.asarray(taus, dtype=float)
+    t, T, p = trace["t"], trace["T"], true_power(trace, lead_s)
+    x = np.empty((len(t), len(taus)))
+    x[0] = p[0]
+    for i in range(1, len(t)):  # all the low-passed powers at once, one column per tau
+        a = np.exp(-(t[i] - t[i - 1]) / taus)
+        x[i] = a * x[i - 1] + (1 - a) * p[i - 1]
+    best = None
+    for i, j in itertools.combinations(range(len(taus)), 2):
+        A = np.stack([np.ones_like(t), x[:, i] - idle_w, x[:, j] - idle_w], 1)
+        c, *_ = np.linalg.lstsq(A, T, rcond=None)
+        if c[1] < 0 or c[2] < 0:
+            continue
+        err = A @ c - T
+        rmse = float(np.sqrt(np.mean(err ** 2)))
+        if best is None or rmse < best["rmse"]:
+            best = dict(ambient_c=float(c[0]), idle_w=idle_w, r_fast=float(c[1]), tau_fast=float(taus[i]),
+                        r_slow=float(c[2]), tau_slow=float(taus[j]), lead_s=lead_s, rmse=rmse,
+                        max_err=float(np.abs(err).max()))
+    return best
+
+
+# ----------------------------------------------------------------------------- sources
+
+class SimGpu:
+    """A simulated H100 on the wall clock x time_scale. Thread-safe enough by design: report_work and
+    set_external_power store one float each; read() (the sampler thread) integrates the model."""
+
+    name = "sim"
+
+    def __init__(self, sim: Any):
+        g = lambda key, default: float(sim.get(key, default))  # noqa: E731
+        self.idle_w, self.cap_w = g("idle_w", 78.0), g("cap_w", 700.0)
+        self.time_scale = g("time_scale", 1.0)
+        self.power_avg_s = g("power_avg_s", 0.5)
+        self.max_clock, self.min_clock = g("max_clock_mhz", 1980.0), g("min_clock_mhz", 1100.0)
+        self.slowdown_c = g("slowdown_c", 87.0)
+        self.busy_rel = g("busy_rel", 0.5)
+        self.thermal = ThermalModel(g("ambient_c", 46.0), self.idle_w, g("r_fast", 0.022), g("tau_fast", 0.14),
+                                    g("r_slow", 0.020), g("tau_slow", 5.5))
+        self.relative_work = 0.0
+        self.external_w = 0.0
+        self.reported_w = self.idle_w
+        self.energy_j = 0.0
+        self.sim_t = 0.0
+        self._t0 = time.monotonic()
+
+    def clock(self) -> float:
+        return (time.monotonic() - self._t0) * self.time_scale
+
+    def demand_w(self) -> float:
+        """What the work + stress would draw without the power cap."""
+        rel = min(max(self.relative_work, 0.0), 1.0)
+        return self.idle_w + (self.cap_w - self.idle_w) * rel + max(self.external_w, 0.0)
+
+    def read(self) -> TelemetrySample:
+        now = self.clock()
+        dt, self.sim_t = max(now - self.sim_t, 0.0), now
+        demand = self.demand_w()
+        power = min(demand, self.cap_w)
+        if dt > 0:
+            temp = self.thermal.step(power, dt)
+            a = math.exp(-dt / self.power_avg_s)  # NVML's running average of the reading
+            self.reported_w = a * self.reported_w + (1 - a) * power
+            self.energy_j += power * dt
+        else:
+            temp = self.thermal.temp_c
+        dyn = demand - self.idle_w
+        util = 100.0 * min(1.0, dyn / ((self.cap_w - self.idle_w) * self.busy_rel)) if dyn > 0 else 0.0
+        # Over the cap the clock drops about in proportion (power ~ clock at fixed voltage).
+        clock = self.max_clock
+        reasons = 0
+        if demand > self.cap_w:
+            clock = max(self.min_clock, self.max_clock * (self.cap_w - self.idle_w) / dyn)
+            reasons |= THROTTLE_SW_POWER_CAP
+        if temp >= self.slowdown_c:
+            reasons |= THROTTLE_SW_THERMAL
+        return TelemetrySample(now, self.reported_w, temp, util, clock, self.energy_j, reasons)
+
+    def close(self) -> None:
+        pass
+
+
+class ReplaySource:
+    """Replays a trace at `speed` x real time, looping; energy keeps growing across loops."""
+
+    name = "replay"
+
+    def __init__(self, path: str | Path | None, speed: float):
+        self.trace = load_trace(path)
+        self.speed = speed
+        t = self.trace["t"]
+        step = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+        self.duration = float(t[-1]) + step
+        e = self.trace["e"] - self.trace["e"][0]
+        self.energy_per_loop = float(e[-1] + self.trace["p"][-1] * step)
+        self._t0 = time.monotonic()
+
+    def clock(self) -> float:
+        return (time.monotonic() - self._t0) * self.speed
+
+    def index_at(self, trace_t: float) -> int:
+        """Index of the trace record in force at trace time trace_t (modulo the loop)."""
+        return int(np.searchsorted(self.trace["t"], trace_t % self.duration, side="right") - 1)
+
+    def at(self, trace_t: float) -> TelemetrySample:
+        i, loops = self.index_at(trace_t), int(trace_t // self.duration)
+        tr = self.trace
+        energy = loops * self.energy_per_loop + float(tr["e"][i] - tr["e"][0])
+        return TelemetrySample(trace_t, float(tr["p"][i]), float(tr["T"][i]), float(tr["u"][i]),
+                               float(tr["clk"][i]), energy, 0)
+
+    def read(self) -> TelemetrySample:
+        return self.at(self.clock())
+
+    def close(self) -> None:
+        pass
+
+
+def _nvml_open(index: int):
+    """(pynvml module, handle) or raise with NVML's own message."""
+    import pynvml
+    pynvml.nvmlInit()
+    try:
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        pynvml.nvmlShutdown()
+        raise
+
+
+class NvmlSource:
+    """Real readings through nvidia-ml-py. Energy: the hardware counter every `energy_every`-th
+    read (it costs ~3.9 ms), power integrated in between so energy_j moves every sample."""
+
+    name = "nvml"
+
+    def __init__(self, index: int, energy_every: int = 5, opened=None):
+        self.nv, self.handle = opened if opened is not None else _nvml_open(index)
+        nv = self.nv
+        self.energy_every = max(1, int(energy_every))
+        reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        self._reasons: Callable = reasons or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        self._e0_mj = nv.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        self._t0 = time.monotonic()
+        self._n = 0
+        self._energy_anchor = 0.0
+        self._last_t, self._last_p = 0.0, None
+
+    def clock(self) -> float:
+        return time.monotonic() - self._t0
+
+    def read(self) -> TelemetrySample:
+        nv, h = self.nv, self.handle
+        t = self.clock()
+        power = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+        temp = float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
+        util = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+        clock = float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))
+        reasons = int(self._reasons(h))
+        if self._n % self.energy_every == 0:
+            energy = (nv.nvmlDeviceGetTotalEnergyConsumption(h) - self._e0_mj) / 1000.0
+        else:  # trapezoid since the last read
+            energy = self._energy_anchor + 0.5 * (power + (self._last_p or power)) * (t - self._last_t)
+        self._n += 1
+        self._energy_anchor, self._last_t, self._last_p = energy, t, power
+        return TelemetrySample(t, power, temp, util, clock, energy, reasons)
+
+    def close(self) -> None:
+        try:
+            self.nv.nvmlShutdown()
+        except Exception:  # already shut down / driver gone: nothing to release
+            pass
+
+
+# ----------------------------------------------------------------------------- the monitor
+
+class GpuSystemMonitor:
+    """Background sampler over one source. start()/stop() are idempotent; a context manager."""
+
+    def __init__(self, source, sample_hz: float = 10.0):
+        if not sample_hz > 0:
+            raise ValueError(f"sample_hz={sample_hz!r}: must be > 0")
+        self._source = source
+        self.source: str = source.name
+        self.sample_hz = float(sample_hz)
+        self.error_count = 0
+        self.history: list[TelemetrySample] = []
+        self._latest: TelemetrySample | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # -- sampling
+    def _sample(self) -> None:
+        try:
+            s = self._source.read()
+        except Exception as err:  # keep the last sample; telemetry never kills the run
+            self.error_count += 1
+            if self.error_count == 1 or self.error_count % 100 == 0:
+                log.warning("telemetry read failed (%d so far): %s", self.error_count, err)
+            return
+        self._latest = s
+        self.history.append(s)
+
+    def _loop(self) -> None:
+        period = 1.0 / self.sample_hz
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            next_t += period
+            self._stop.wait(max(0.0, next_t - time.monotonic()))
+            if not self._stop.is_set():
+                self._sample()
+
+    def start(self) -> "GpuSystemMonitor":
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._sample()  # so latest() has a value at once
+        self._thread = threading.Thread(target=self._loop, name=f"ttha-telemetry-{self.source}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop and release the source (NVML shutdown)."""
+        self.stop()
+        if not self._closed:
+            self._closed = True
+            self._source.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def latest(self) -> TelemetrySample:
+        s = self._latest
+        if s is None:  # not started: read once, synchronously
+            self._sample()
+            s = self._latest
+        return s if s is not None else NAN_SAMPLE
+
+    def clock(self) -> float:
+        """Seconds on the source's clock (simulated seconds for sim)."""
+        return self._source.clock()
+
+    # -- what the run and the stressor tell the simulator (no-ops for real sources)
+    def report_work(self, relative_power: float) -> None:
+        """Fraction 0..1 of the idle..cap range that the run's work demands now (sim only)."""
+        if isinstance(self._source, SimGpu):
+            self._source.relative_work = float(relative_power)
+
+    def set_external_power(self, watts: float) -> None:
+        """Power drawn by a simulated stressor (sim only)."""
+        if isinstance(self._source, SimGpu):
+            self._source.external_w = float(watts)
+
+    def __enter__(self) -> "GpuSystemMonitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- building from config
+
+def _positive(node: Any, key: str, prefix: str, default: float | None = None) -> float:
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{prefix}.{key}", value, "must be a number > 0")
+    return float(value)
+
+
+def _check_sim(sim: Any) -> None:
+    for key in ("idle_w", "cap_w", "time_scale", "tau_fast", "tau_slow", "power_avg_s"):
+        if key in sim:
+            _positive(sim, key, "telemetry.sim")
+    for key in ("r_fast", "r_slow"):
+        if key in sim and not float(sim[key]) >= 0:
+            raise ConfigError(f"telemetry.sim.{key}", sim[key], "must be >= 0")
+    if float(sim.get("cap_w", 700.0)) <= float(sim.get("idle_w", 78.0)):
+        raise ConfigError("telemetry.sim.cap_w", sim.get("cap_w"), "must be above telemetry.sim.idle_w")
+
+
+def _nvml_probe(index: int):
+    """((pynvml, handle), None) when a GPU answers, else (None, NVML's message)."""
+    try:
+        return _nvml_open(index), None
+    except Exception as err:  # ImportError, NVMLError_LibraryNotFound, NVMLError_InvalidArgument ...
+        return None, f"{type(err).__name__}: {err}".strip()
+
+
+def build_monitor(cfg: Any, device=None) -> GpuSystemMonitor:
+    """The monitor named by cfg.telemetry (auto resolved). Raises ConfigError before any work."""
+    source = cfg.get("source", "auto")
+    hz = _positive(cfg, "sample_hz", "telemetry", 10.0)
+    index = int(cfg.get("device_index", 0))
+    sim = cfg.get("sim") or {}
+    _check_sim(sim)
+    if source not in ("auto", "nvml", "sim", "replay"):
+        raise ConfigError("telemetry.source", source, "must be one of auto, nvml, sim, replay")
+
+    if source == "replay":
+        path = cfg.get("replay_path")
+        if path is not None and not Path(str(path)).expanduser().is_file():
+            raise ConfigError("telemetry.replay_path", str(path), "no such trace file")
+        speed = _positive(cfg, "replay_speed", "telemetry", 1.0)
+        try:
+            src = ReplaySource(Path(str(path)).expanduser() if path else None, speed)
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            raise ConfigError("telemetry.replay_path", str(path), f"not a probe trace ({err})") from None
+        log.info("telemetry source: replay (%s at %gx)", path or DEFAULT_TRACE.name, speed)
+        return GpuSystemMonitor(src, hz)
+
+    if source in ("auto", "nvml"):
+        on_cpu = device is not None and getattr(device, "type", str(device)) == "cpu"
+        if source == "auto" and on_cpu:
+            reason = "the run's device is the CPU"
+        else:
+            opened, reason = _nvml_probe(index)
+            if opened is not None:
+                import torch
+                if source == "nvml" or torch.cuda.is_available():
+                    log.info("telemetry source: nvml (GPU %d)", index)
+                    return GpuSystemMonitor(NvmlSource(index, int(cfg.get("energy_every", 5)), opened), hz)
+                opened[0].nvmlShutdown()
+                reason = "NVML answers but torch sees no CUDA device"
+            elif source == "nvml":
+                raise ConfigError("telemetry.source", "nvml", f"no NVIDIA GPU answers (NVML: {reason})")
+        log.info("telemetry source: sim (auto: %s)", reason)
+    else:
+        log.info("telemetry source: sim")
+    return GpuSystemMonitor(SimGpu(sim), hz)
