@@ -196,3 +196,13 @@ def test_bad_arguments():
     r.begin_step(sample(), 0.0)
     with pytest.raises(RuntimeError, match="no gate logits"):
         r.update_ttha(sample(), 0.0, 1.0)
+
+
+def test_missing_telemetry_reading_is_no_strain():
+    r = make_router()
+    nan = sample(power_w=float("nan"), temp_c=float("nan"), util_pct=float("nan"))
+    r.begin_step(nan, float("nan"))
+    assert torch.equal(r.bias, torch.zeros(E))
+    serve_step(r, nan)
+    terms = r.update_ttha(nan, 0.0, 2.0)
+    assert all(math.isfinite(v) for v in terms.values()) and terms["power"] == 0.0

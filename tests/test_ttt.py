@@ -143,3 +143,8 @@ def test_light_step_on_the_moe_model():
     trainer.step(batch(), "light")
     changed = {k for k, v in snapshot(model).items() if not torch.equal(before[k], v)}
     assert changed and changed <= names
+
+
+def test_budget_policy_without_a_reading_skips():
+    mode, reason = policy().decide(sample(float("nan"), float("nan")), TOKENS, 10.0)
+    assert mode == "skip" and "no telemetry" in reason

@@ -42,6 +42,15 @@ def _cfg(node, key: str, default):
     return default if value is None else value
 
 
+def _reading(value) -> float:
+    """A telemetry reading as a float; NaN/None (no sample yet, a failed read) counts as 0 = no strain."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
     z = logits if bias is None else logits + bias
@@ -133,7 +142,10 @@ class AdaptiveRouter:
         if self.adaptive:
             self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
                                        int(_cfg(router_cfg, "adapter_hidden", 32))).to(self.device)
-            self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=float(_cfg(router_cfg, "lr", 0.05)))
+            # fused Adam on CUDA: one kernel instead of a dozen, the update must stay cheap
+            fused = {"fused": True} if self.device.type == "cuda" else {}
+            self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=float(_cfg(router_cfg, "lr", 0.05)),
+                                              **fused)
         self._bias: torch.Tensor | None = None
         self._logits: dict[int, torch.Tensor] = {}
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
@@ -158,22 +170,22 @@ class AdaptiveRouter:
 
     def over_target(self, sample, latency_ms: float) -> dict[str, float]:
         """How far each reading is over its target, >= 0 (0 at or under target)."""
-        return {"power": max(0.0, float(sample.power_w) / self.targets["power_w"] - 1.0),
-                "temp": max(0.0, float(sample.temp_c) / self.targets["temp_c"] - 1.0),
-                "latency": max(0.0, float(latency_ms) / self.targets["latency_ms"] - 1.0)}
+        return {"power": max(0.0, _reading(sample.power_w) / self.targets["power_w"] - 1.0),
+                "temp": max(0.0, _reading(sample.temp_c) / self.targets["temp_c"] - 1.0),
+                "latency": max(0.0, _reading(latency_ms) / self.targets["latency_ms"] - 1.0)}
 
     def thermal_weight(self, temp_c: float) -> float:
         """Thermal weight, raised linearly above the threshold when dynamic_thermal is on."""
         w = self.obj["thermal_weight"]
-        excess = float(temp_c) - self.obj["thermal_threshold_c"]
+        excess = _reading(temp_c) - self.obj["thermal_threshold_c"]
         if self.dynamic_thermal and excess > 0:
             w *= 1.0 + self.obj["thermal_boost"] * excess / 10.0
         return w
 
     def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
         t = self.targets
-        ratios = [float(sample.power_w) / t["power_w"], float(sample.temp_c) / t["temp_c"],
-                  float(getattr(sample, "util_pct", 0.0) or 0.0) / 100.0, float(latency_ms) / t["latency_ms"]]
+        ratios = [_reading(sample.power_w) / t["power_w"], _reading(sample.temp_c) / t["temp_c"],
+                  _reading(getattr(sample, "util_pct", 0.0)) / 100.0, _reading(latency_ms) / t["latency_ms"]]
         over = [min(v, RATIO_CLAMP) for v in self.over_target(sample, latency_ms).values()]
         feats = [min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over
         return torch.tensor(feats, dtype=torch.float32, device=self.device)
@@ -215,7 +227,8 @@ class AdaptiveRouter:
             self._logits[layer] = logits.detach().float()
             if self._counts.device != indices.device:
                 self._counts = self._counts.to(indices.device)
-            self._counts += torch.bincount(indices.flatten(), minlength=self.n_experts)
+            flat = indices.flatten()  # index_add_, not bincount: bincount syncs the GPU to size its output
+            self._counts.index_add_(0, flat, torch.ones_like(flat))
             self._folded = False
             self._update_cost_batch(logits.shape[0])
         return weights, indices

@@ -17,6 +17,8 @@ are Adam-scale and one optimizer state per mode persists across steps.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,8 @@ class TTTPolicy:
     def _fits(self, mode: str, sample, batch_tokens: int, latency_ms: float) -> tuple[bool, str]:
         t = self.targets
         extra_w, extra_ms = self.predict(mode, batch_tokens, latency_ms)
+        if not (math.isfinite(sample.power_w) and math.isfinite(sample.temp_c)):
+            return False, "no telemetry reading yet"  # unknown headroom: spend nothing
         if sample.temp_c >= t["temp_c"]:
             return False, f"temp {sample.temp_c:.1f} C >= target {t['temp_c']:.1f} C"
         if extra_w is not None and sample.power_w + extra_w > t["power_w"]:
