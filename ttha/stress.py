@@ -87,6 +87,8 @@ def _child_main(schedule: Schedule, backend: str, device: str, size: int, dtype:
     if backend == "cuda":
         import torch
         dev = torch.device(device)
+        if dev.index is None:  # "cuda" = the current device, 0 in a fresh process
+            dev = torch.device("cuda", 0)
         torch.cuda.set_device(dev)
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         a = torch.randn(size, size, device=dev, dtype=dt)
