@@ -1,0 +1,263 @@
+"""Optuna sweeper plugin (hydra_plugins/ttha_sweeper) against the small app in tests/sweep_app.
+
+Sweeps run in-process (basic launcher) to share one set of imports; the killed-sweep and the parallel
+(joblib) tests run in a subprocess. MLflow results are read straight from its sqlite file.
+"""
+import importlib.util
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.ttha_sweeper import _space
+from hydra_plugins.ttha_sweeper._errors import SweepConfigError
+from hydra_plugins.ttha_sweeper.config import register_named_sweeps
+
+APP_DIR = Path(__file__).parent / "sweep_app"
+APP = APP_DIR / "app.py"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _load_app():
+    spec = importlib.util.spec_from_file_location("sweep_app_main", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_app(monkeypatch, tmp_path, *overrides) -> int:
+    """`python app.py -m hydra/sweeper=optuna <overrides>` in-process, launched from tmp_path; exit code."""
+    app = _load_app()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
+                                      "hydra.sweep.dir=multirun", *overrides])
+    GlobalHydra.instance().clear()
+    try:
+        app.main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        GlobalHydra.instance().clear()
+    return 0
+
+
+def study(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/outputs/optuna.db")
+
+
+def states(tmp_path, name):
+    return sorted(t.state.name for t in study(tmp_path, name).trials)
+
+
+def mlflow_runs(tmp_path):
+    """{run_id: {"status", "tags", "params"}} from the sweep's MLflow sqlite file."""
+    con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
+    runs = {rid: {"status": status, "tags": {}, "params": {}}
+            for rid, status in con.execute("select run_uuid, status from runs")}
+    for key, value, rid in con.execute("select key, value, run_uuid from tags"):
+        runs[rid]["tags"][key] = value
+    for key, value, rid in con.execute("select key, value, run_uuid from params"):
+        runs[rid]["params"][key] = value
+    con.close()
+    return runs
+
+
+def error_lines(capsys):
+    """stderr without Hydra's standard hint about HYDRA_FULL_ERROR."""
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+
+
+def children(runs, parent_id):
+    return {int(r["tags"]["trial_number"]): r for r in runs.values()
+            if r["tags"].get("mlflow.parentRunId") == parent_id}
+
+
+def parents(runs):
+    return [rid for rid, r in runs.items() if "mlflow.parentRunId" not in r["tags"]]
+
+
+# -- grammar --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expr, expected", [
+    ("choice(1, 2.5, abc, true)", CategoricalDistribution([1, 2.5, "abc", True])),
+    ("range(1, 5)", IntDistribution(1, 4, step=1)),              # half-open, as Hydra's range
+    ("range(0, 10, 3)", IntDistribution(0, 9, step=3)),
+    ("range(0, 1, 0.25)", FloatDistribution(0.0, 0.75, step=0.25)),
+    ("interval(1, 5)", FloatDistribution(1.0, 5.0)),
+    ("tag(log, interval(0.001, 1))", FloatDistribution(0.001, 1.0, log=True)),
+    ("tag(int, interval(2, 64))", IntDistribution(2, 64)),
+    ("tag(int, log, interval(2, 64))", IntDistribution(2, 64, log=True)),
+])
+def test_grammar_gives_optuna_distributions(expr, expected):
+    space = _space.build({"a.b": expr}, [])
+    assert space.distributions == {"a.b": expected}
+    assert space.fixed == {}
+
+
+def test_fixed_values_and_command_line_join_the_space():
+    space = _space.build({"x": "interval(0, 1)", "kind": "a", "n": 3}, ["x=choice(0.5, 0.7)", "y=range(0, 3)"])
+    assert space.distributions == {"x": CategoricalDistribution([0.5, 0.7]), "y": IntDistribution(0, 2)}
+    assert space.fixed == {"kind": "a", "n": "3"}
+
+
+@pytest.mark.parametrize("expr, problem", [
+    ("interval(1,", "malformed search-space expression"),
+    ("interval(5, 1)", "low < high"),
+    ("tag(log, interval(0, 1))", "low > 0"),
+    ("tag(foo, interval(0, 1))", "unknown tag 'foo'"),
+    ("range(3, 3)", "range is empty"),
+])
+def test_grammar_errors_name_the_key(expr, problem):
+    with pytest.raises(SweepConfigError) as err:
+        _space.build({"targets.power_w": expr}, [])
+    assert str(err.value).startswith("hydra.sweeper.params.targets.power_w=")
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+# -- sweeps ---------------------------------------------------------------------------------------------
+
+def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path):
+    args = ["hydra.sweeper.study_name=s", "x=interval(-1, 2)", "y=range(0, 3)", "kind=b"]
+    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=4", *args) == 0
+    assert states(tmp_path, "s") == ["COMPLETE"] * 4
+    runs = mlflow_runs(tmp_path)
+    [parent] = parents(runs)
+    kids = children(runs, parent)
+    assert sorted(kids) == [0, 1, 2, 3]
+    trials = {t.number: t for t in study(tmp_path, "s").trials}
+    for n, run in kids.items():  # each child carries its trial's params and value
+        assert run["status"] == "FINISHED" and run["tags"]["study_name"] == "s"
+        assert float(run["params"]["x"]) == pytest.approx(trials[n].params["x"])
+        assert int(run["params"]["y"]) == trials[n].params["y"] and run["params"]["kind"] == "b"
+        assert trials[n].value == pytest.approx((trials[n].params["x"] - 1) ** 2 + 0.1 * trials[n].params["y"] + 0.5)
+    results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    best = min(trials.values(), key=lambda t: t.value)
+    assert results["best_value"] == pytest.approx(best.value) and results["best_trial"] == best.number
+    assert (tmp_path / "multirun" / "optimization_history.png").stat().st_size > 1000
+    assert runs[parent]["status"] == "FINISHED" and runs[parent]["tags"]["study_name"] == "s"
+
+    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=4", *args) == 0  # nothing left to do
+    assert states(tmp_path, "s") == ["COMPLETE"] * 4
+    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=6", *args) == 0  # exactly 2 more
+    assert states(tmp_path, "s") == ["COMPLETE"] * 6
+    runs = mlflow_runs(tmp_path)
+    assert parents(runs) == [parent] and sorted(children(runs, parent)) == list(range(6))
+
+
+def test_failed_and_nan_trials_are_fail_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    rc = run_app(monkeypatch, tmp_path, "hydra.sweeper.study_name=f", "hydra.sweeper.n_trials=3",
+                 "hydra.sweeper.max_failure_rate=0.7", "x=interval(0, 1)", "fail_trials=[1]", "nan_trials=[2]")
+    assert rc == 0
+    trials = study(tmp_path, "f").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["error"] == "boom: last line"
+    assert trials[2].user_attrs["error"] == "objective loss=nan is not finite"
+    runs = mlflow_runs(tmp_path)
+    kids = children(runs, parents(runs)[0])
+    assert [kids[n]["status"] for n in range(5)] == ["FINISHED", "FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert kids[1]["tags"]["error"] == "boom: last line"
+    assert kids[2]["tags"]["error"] == "objective loss=nan is not finite"
+
+
+def test_too_many_failures_stop_the_sweep_with_one_line(monkeypatch, tmp_path, capsys):
+    rc = run_app(monkeypatch, tmp_path, "hydra.sweeper.study_name=g", "hydra.sweeper.n_trials=4",
+                 "hydra.sweeper.max_failure_rate=0.25", "x=interval(0, 1)", "fail_trials=[0,2]")
+    assert rc == 1
+    assert states(tmp_path, "g") == ["COMPLETE", "FAIL", "FAIL"]
+    line = error_lines(capsys)[-1]
+    assert line.startswith("hydra.sweeper.max_failure_rate=0.25: 2 trial(s) failed")
+    runs = mlflow_runs(tmp_path)
+    assert runs[parents(runs)[0]]["status"] == "FAILED"
+
+
+def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_path):
+    assert register_named_sweeps(APP_DIR / "sweeps") == ["app_pareto"]
+    assert run_app(monkeypatch, tmp_path, "sweep=app_pareto") == 0
+    st = study(tmp_path, "app_pareto")
+    assert len(st.trials) == 5 and len(st.directions) == 2
+    results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    front = {s["trial"]: s["values"] for s in results["solutions"]}
+    assert sorted(front) == sorted(t.number for t in st.best_trials)
+    for t in st.trials:  # no trial dominates a front point
+        for v in front.values():
+            assert not (t.values[0] < v["loss"] and t.values[1] < v["cost"])
+    assert (tmp_path / "multirun" / "pareto_front.png").stat().st_size > 1000
+    con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
+    size = con.execute("select value from metrics where key='pareto/size'").fetchone()[0]
+    assert size == len(front)
+
+
+# -- bad input: one line naming the key, nothing written to the study ------------------------------------
+
+@pytest.mark.parametrize("overrides, start", [
+    (["+hydra.sweeper.params.y='interval(1,'"], "hydra.sweeper.params.y='interval(1,': malformed search-space expression"),
+    (["+hydra.sweeper.params.y='interval(5, 1)'"], "hydra.sweeper.params.y='interval(5, 1)': interval needs low < high"),
+    (["hydra.sweeper.sampler._target_=optuna.samplers.NoSuchSampler"], "hydra.sweeper.sampler._target_="),
+    (["hydra.sweeper.sampler._target_=os.system"], "hydra.sweeper.sampler._target_='os.system': unknown sampler"),
+    (["hydra.sweeper.direction=[minimize,maximize]"], "hydra.sweeper.direction=['minimize', 'maximize']: 2 direction(s) for 1 objective(s)"),
+    (["hydra.sweeper.direction=up"], "hydra.sweeper.direction='up': must be minimize or maximize"),
+    (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: must be an integer > 0"),
+    (["hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate=2"),
+    (["nosuchkey=interval(0, 1)"], "hydra.sweeper.params="),
+    (["hydra.sweeper.custom_search_space=nowhere.fn"], "hydra.sweeper.custom_search_space='nowhere.fn': cannot import"),
+])
+def test_bad_input_is_one_line_before_any_trial(monkeypatch, tmp_path, capsys, overrides, start):
+    rc = run_app(monkeypatch, tmp_path, "x=interval(0, 1)", *overrides)
+    err = error_lines(capsys)
+    assert rc == 1 and len(err) == 1 and err[0].startswith(start), err
+    assert not (tmp_path / "outputs").exists()  # no study, no MLflow run, no trial
+
+
+def test_unknown_sampler_group_is_rejected(monkeypatch, tmp_path, capsys):
+    assert run_app(monkeypatch, tmp_path, "hydra/sweeper/sampler=nosuch") == 1
+    assert "hydra/sweeper/sampler/nosuch" in error_lines(capsys)[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+# -- killed sweeps and parallel trials (subprocesses) ----------------------------------------------------
+
+def _subprocess(tmp_path, *overrides, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(APP_DIR.parents[1])}
+    cmd = [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
+           "hydra.sweep.dir=multirun", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_killed_sweep_resumes_and_finishes_with_the_right_count(tmp_path):
+    args = ["hydra.sweeper.study_name=k", "hydra.sweeper.n_trials=3", "x=interval(0, 1)", "kill_trial=1"]
+    first = _subprocess(tmp_path, *args)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert states(tmp_path, "k") == ["COMPLETE", "RUNNING"]
+    second = _subprocess(tmp_path, *args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [t.state.name for t in study(tmp_path, "k").trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    runs = mlflow_runs(tmp_path)
+    [parent] = parents(runs)
+    kids = children(runs, parent)
+    assert kids[1]["status"] == "KILLED" and runs[parent]["status"] == "FINISHED"
+    assert [kids[n]["status"] for n in (0, 2, 3)] == ["FINISHED"] * 3
+
+
+def test_two_parallel_jobs_on_sqlite_record_every_trial(tmp_path):
+    proc = _subprocess(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                       "hydra.sweeper.study_name=p", "hydra.sweeper.n_trials=4", "x=interval(0, 1)", "sleep_s=0.2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert states(tmp_path, "p") == ["COMPLETE"] * 4
+    runs = mlflow_runs(tmp_path)
+    kids = children(runs, parents(runs)[0])
+    assert sorted(kids) == [0, 1, 2, 3] and all(k["status"] == "FINISHED" for k in kids.values())
+    values = {t.number: t.value for t in study(tmp_path, "p").trials}
+    for n, run in kids.items():  # the summary metric the child logged is the trial's value
+        con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
+        run_id = [rid for rid, r in runs.items() if r is run][0]
+        loss = con.execute("select value from metrics where run_uuid=? and key='loss'", (run_id,)).fetchone()[0]
+        assert math.isclose(loss, values[n], rel_tol=1e-9)
