@@ -1,0 +1,95 @@
+"""Fused dequant-linear kernel vs its torch reference (Triton interpreter on CPU, real sizes on GPU)."""
+import pytest
+import torch
+
+from ttha.kernels import _backend, dequant_linear, dequant_linear_ref, dequant_linear_triton
+from ttha.quant import dequantize, quantize
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not _backend.HAS_TRITON or (DEV == "cpu" and not _backend.interpreting()),
+    reason="needs triton on CUDA or TRITON_INTERPRET=1")
+
+
+def _rel(y, ref):
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _case(m, n, k, bits, group, dtype=torch.bfloat16, bias=True, lead=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    qw = quantize(w, bits, group).to(DEV)
+    shape = (*lead, k) if lead else (m, k)
+    x = torch.randn(*shape, generator=g).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    # fp32 reference on the same dequantized weight: only the kernel's output rounding differs
+    ref = x.float() @ dequantize(qw).T + (b.float() if bias else 0)
+    return x, qw, b, ref
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m,bias", [(1, True), (3, False), (17, True)])
+def test_matches_reference(bits, group, m, bias):
+    # N = 40: not a multiple of the 16-wide tile; K = 3 groups: not a multiple of the 128-wide K tile
+    x, qw, b, ref = _case(m, 40, 3 * group, bits, group, bias=bias, seed=bits + group + m)
+    y = torch.full((m, 40), float("nan"), dtype=x.dtype, device=DEV)  # poisoned: every element must be written
+    y = dequant_linear_triton(x, qw, b)
+    assert y.shape == (m, 40) and y.dtype == x.dtype and not y.isnan().any()
+    assert _rel(y, ref) < 1e-2  # bf16 output rounding (~4e-3)
+    assert _rel(y, dequant_linear_ref(x, qw, b)) < 1e-2
+
+
+@needs_kernel
+def test_fp16_leading_dims_and_tile_config():
+    x, qw, b, ref = _case(0, 48, 256, 4, 64, dtype=torch.float16, lead=(2, 3), seed=7)
+    y = dequant_linear_triton(x, qw, b, config={"BM": 16, "BN": 32, "BK": 64, "GROUP_M": 2})
+    assert y.shape == (2, 3, 48) and y.dtype == torch.float16
+    assert _rel(y, ref) < 2e-3  # fp16 output rounding only
+
+
+@needs_kernel
+def test_dispatch_switch_runs_kernel_or_reference():
+    x, qw, b, ref = _case(2, 32, 128, 2, 32, seed=3)
+    try:
+        _backend.set_backend("torch")
+        assert not _backend.use_triton(x)
+        y_ref = dequant_linear(x, qw, b)
+        _backend.set_backend("triton")
+        assert _backend.use_triton(x)
+        y_tri = dequant_linear(x, qw, b)
+    finally:
+        _backend.set_backend("auto")
+    assert _backend.use_triton(x) == (DEV == "cuda")
+    assert _rel(y_ref, ref) < 1e-2 and _rel(y_tri, ref) < 1e-2
+
+
+def test_backend_name_is_validated():
+    with pytest.raises(ValueError, match="backend"):
+        _backend.set_backend("cuda")
+
+
+@pytest.mark.parametrize("mutate,name", [
+    (lambda x, qw, b: (x.float(), qw, b), "x: dtype"),
+    (lambda x, qw, b: (x[:, :64], qw, b), "x: last dim"),
+    (lambda x, qw, b: (x, qw, b[:5]), "bias"),
+    (lambda x, qw, b: (x, "w", b), "qweight"),
+    (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 3, qw.group_size, qw.shape), b), "qweight.bits"),
+    (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 4, 48, qw.shape), b), "qweight.group_size"),
+    (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 4, 64, (32, 96)), b), "qweight"),
+])
+def test_bad_arguments_raise_value_error_naming_them(mutate, name):
+    x, qw, b, _ = _case(2, 32, 128, 4, 32)
+    args = mutate(x, qw, b)
+    with pytest.raises(ValueError, match=name):
+        dequant_linear(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("m", [1, 16, 64, 4096])
+def test_gpu_real_sizes(bits, m):
+    x, qw, b, ref = _case(m, 14336, 4096, bits, 128, seed=m)
+    y = dequant_linear(x, qw, b)
+    assert _rel(y, ref) < 1e-2  # bf16 operands and output

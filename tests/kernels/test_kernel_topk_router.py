@@ -1,0 +1,80 @@
+"""Fused router top-k kernel vs softmax + topk + normalise (Triton interpreter on CPU, real sizes on GPU)."""
+import pytest
+import torch
+
+from ttha.kernels import _backend, topk_router, topk_router_ref, topk_router_triton
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not _backend.HAS_TRITON or (DEV == "cpu" and not _backend.interpreting()),
+    reason="needs triton on CUDA or TRITON_INTERPRET=1")
+
+
+def _inputs(t, e, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(t, e, generator=g) * 2).to(DEV, dtype), torch.randn(e, generator=g).to(DEV)
+
+
+def _check(w, idx, logits, bias, k):
+    wr, ir = topk_router_ref(logits, bias, k)
+    assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == idx.shape == (logits.shape[0], k)
+    assert torch.equal(idx, ir)  # random logits: no ties
+    torch.testing.assert_close(w, wr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.sum(-1), torch.ones(logits.shape[0], device=w.device))
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,e,k", [(1, 8, 1), (37, 8, 2), (33, 8, 8), (50, 64, 2), (19, 128, 8), (5, 256, 8),
+                                   (21, 10, 10), (9, 3, 1)])
+def test_matches_reference(t, e, k):
+    logits, bias = _inputs(t, e, seed=t * e + k)
+    w, idx, counts = topk_router_triton(logits, bias, k, return_counts=True)
+    _check(w, idx, logits, bias, k)
+    assert torch.equal(counts.cpu(), torch.bincount(idx.flatten().cpu(), minlength=e).int())
+    assert int(counts.sum()) == t * k
+
+
+@needs_kernel
+def test_bf16_logits_and_bias_change_choice():
+    logits, bias = _inputs(16, 8, seed=1, dtype=torch.bfloat16)
+    w, idx = topk_router_triton(logits, bias, 2)
+    _check(w, idx, logits, bias, 2)
+    big = torch.zeros(8, device=DEV)
+    big[5] = 100.0  # a large bias forces expert 5 into every token's top-1
+    _, idx = topk_router_triton(logits, big, 1)
+    assert (idx == 5).all()
+
+
+@needs_kernel
+def test_dispatch_uses_kernel_when_forced_and_reference_for_large_e():
+    logits, bias = _inputs(12, 300, seed=2)
+    try:
+        _backend.set_backend("triton")
+        w, idx = topk_router(logits, bias, 3)  # E > 256: falls back to the reference
+        _check(w, idx, logits, bias, 3)
+        logits, bias = _inputs(12, 16, seed=3)
+        w, idx = topk_router(logits, bias, 4)
+        _check(w, idx, logits, bias, 4)
+    finally:
+        _backend.set_backend("auto")
+
+
+@pytest.mark.parametrize("args,name", [
+    ((torch.randn(4, 8, 2), torch.zeros(8), 2), "logits"),
+    ((torch.randint(0, 3, (4, 8)), torch.zeros(8), 2), "logits: dtype"),
+    ((torch.randn(4, 8), torch.zeros(7), 2), "bias"),
+    ((torch.randn(4, 8), torch.zeros(8), 0), "k=0"),
+    ((torch.randn(4, 8), torch.zeros(8), 9), "k=9"),
+])
+def test_bad_arguments_raise_value_error_naming_them(args, name):
+    with pytest.raises(ValueError, match=name):
+        topk_router(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k", [(65536, 128, 8), (16384, 64, 2), (4096, 8, 1)])
+def test_gpu_real_sizes(t, e, k):
+    logits, bias = _inputs(t, e, seed=k)
+    w, idx, counts = topk_router(logits, bias, k, return_counts=True)
+    _check(w, idx, logits, bias, k)
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=e).int())
