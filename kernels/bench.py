@@ -1,0 +1,303 @@
+"""Kernel benchmarks on a CUDA GPU: `python -m ttha.kernels.bench [--out DIR] [--quick]`.
+
+Measures, in one run: device copy bandwidth (the roofline), fused dequant-linear (int4, int2,
+group 128) vs torch bf16 F.linear (cuBLAS) vs FP8 torch._scaled_mm (row-wise scales, x quantized
+in the timed call) [vs gemlite when installed], NVML energy per call over >= 2 s saturated loops,
+the fused router vs the torch sequence, and paced single-call rates (launch overhead).
+Writes bench.csv and bench.json to --out (default $OUT or outputs/kernel_bench) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
+MS = [1, 4, 16, 64, 256, 4096]
+ROUTER = [(t, e, k) for t in (4096, 16384, 65536) for e in (8, 64, 128) for k in (1, 2, 8)]
+L2_ROTATE_BYTES = 256 << 20  # rotate among weight copies so repeated calls do not run from the 50 MB L2
+
+
+def bench_us(fn, warmup=25, rep=100) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    us = bench_us(lambda: b.copy_(a))
+    del a, b
+    return 2 * (2 << 30) / (us * 1e-6) / 1e9
+
+
+def rotating(make, nbytes: int) -> list:
+    return [make() for _ in range(max(1, min(8, -(-L2_ROTATE_BYTES // max(nbytes, 1)))))]
+
+
+def cycler(items):
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return nxt
+
+
+def fp8_weight(w: torch.Tensor):
+    scale = (w.float().abs().amax(1, keepdim=True) / 448.0).clamp_min(1e-12)
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1, -1).contiguous()
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Row-wise scaled e4m3 linear: x quantized per row on the fly, weight per output channel."""
+    m = x.shape[0]
+    pad = (-m) % 16
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    xs = (x.float().abs().amax(1, keepdim=True) / 448.0).clamp_min(1e-12)
+    x8 = (x.float() / xs).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=w_scale, out_dtype=torch.bfloat16)
+    return y[:m]
+
+
+def energy_per_call_j(fn, seconds: float = 2.0):
+    """Joules per call from the NVML total-energy counter over a saturated loop of >= `seconds`."""
+    import pynvml
+
+    h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.2:  # calibrate a batch that takes ~0.2 s
+        fn()
+        n += 1
+    torch.cuda.synchronize()
+    batch = max(1, n)
+    e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    t0, calls = time.perf_counter(), 0
+    while True:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            break
+    dt = time.perf_counter() - t0
+    e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    return (e1 - e0) * 1e-3 / calls, (e1 - e0) * 1e-3 / dt
+
+
+def paced_calls_per_s(fn, seconds: float = 1.0) -> float:
+    """Single calls, each waited for (a serving loop): calls completed per second."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        torch.cuda.synchronize()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
+    try:
+        from gemlite.helper import A16Wn  # gemlite 0.6 helper API
+    except Exception:
+        return None
+    try:
+        from ttha.quant import quantize, unpack_codes
+
+        qw = quantize(w, bits, group)
+        n, k = w.shape
+        codes = unpack_codes(qw).to(torch.uint8)
+        scales = qw.scales.reshape(n, -1)
+        zeros = (-qw.mins.float() / qw.scales.float()).half().reshape(n, -1)
+        return A16Wn(device="cuda").from_weights(codes, scales, zeros, bits, group, bias=None)
+    except Exception as exc:  # peer column is optional
+        print(f"gemlite unavailable: {exc}")
+        return None
+
+
+def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
+    from ttha.kernels import dequant_linear
+    from ttha.quant import dequantize, quantize
+
+    shapes = SHAPES[:1] if quick else SHAPES
+    for k, n in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device="cuda") / k**0.5)
+        wb = w.to(torch.bfloat16)
+        ws = rotating(lambda: wb.clone(), wb.numel() * 2)
+        q = {b: quantize(w, b, 128) for b in (4, 2)}
+        qs = {b: rotating(lambda b=b: quantize(w, b, 128), q[b].nbytes) for b in (4, 2)}
+        w8, s8 = fp8_weight(w)
+        w8s = rotating(lambda: (w8.clone(), s8.clone()), w8.numel())
+        gem = {b: _gemlite_layer(w, b, 128) for b in (4, 2)}
+        del w
+        for m in (MS[:3] + MS[-1:] if quick else MS):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            io = x.numel() * 2 + m * n * 2
+            nw = cycler(ws)
+            t_ref = bench_us(lambda: F.linear(x, nw()))
+            base = dict(K=k, N=n, M=m, torch_us=t_ref)
+            rows.append(dict(base, kernel="bf16_linear", us=t_ref, bytes=wb.numel() * 2 + io))
+            for b in (4, 2):
+                nq = cycler(qs[b])
+                y = dequant_linear(x, q[b])
+                ref = F.linear(x.float(), dequantize(q[b]))
+                relerr = float((y.float() - ref).norm() / ref.norm())
+                t = bench_us(lambda: dequant_linear(x, nq()))
+                rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, bytes=q[b].nbytes + io, relerr=relerr))
+                if gem[b] is not None:
+                    tg = bench_us(lambda: gem[b](x))
+                    rows.append(dict(base, kernel=f"gemlite_int{b}_g128", us=tg, bytes=q[b].nbytes + io))
+            try:
+                n8 = cycler(w8s)
+                t8 = bench_us(lambda: fp8_linear(x, *n8()))
+                rows.append(dict(base, kernel="fp8_scaled_mm", us=t8, bytes=w8.numel() + n * 4 + io))
+            except Exception as exc:
+                print(f"fp8 M={m}: {exc}")
+            del x
+        if energy and (k, n) == SHAPES[-1]:
+            for m in (1, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                nw, n4, n2, n8 = cycler(ws), cycler(qs[4]), cycler(qs[2]), cycler(w8s)
+                for name, fn in [("bf16_linear", lambda: F.linear(x, nw())),
+                                 ("ours_int4_g128", lambda: dequant_linear(x, n4())),
+                                 ("ours_int2_g128", lambda: dequant_linear(x, n2())),
+                                 ("fp8_scaled_mm", lambda: fp8_linear(x, *n8()))]:
+                    j, watts = energy_per_call_j(fn)
+                    rows.append(dict(K=k, N=n, M=m, kernel=name, energy_mj=j * 1e3, avg_w=watts, table="energy"))
+        del ws, qs, w8s, wb
+        torch.cuda.empty_cache()
+    for r in rows:
+        if "us" in r and "bytes" in r:
+            r["ratio"] = r["torch_us"] / r["us"]  # > 1: faster than bf16 F.linear
+            r["GBps"] = r["bytes"] / (r["us"] * 1e-6) / 1e9
+            r["bw_share"] = r["GBps"] / copy_gbs
+
+
+def torch_router(logits, bias, k):
+    p = torch.softmax(logits + bias, dim=-1)
+    w, i = p.topk(k, dim=-1)
+    return w / w.sum(-1, keepdim=True), i
+
+
+def run_router(rows: list, copy_gbs: float, quick: bool) -> None:
+    from ttha.kernels import topk_router
+
+    for t, e, k in (ROUTER[::4] if quick else ROUTER):
+        logits = torch.randn(t, e, device="cuda")
+        bias = torch.randn(e, device="cuda") * 0.1
+        w, i = topk_router(logits, bias, k)
+        wr, ir = torch_router(logits, bias, k)
+        agree = float((i == ir).float().mean())
+        t_ref = bench_us(lambda: torch_router(logits, bias, k))
+        t_ours = bench_us(lambda: topk_router(logits, bias, k))
+        nbytes = t * e * 4 + t * k * 12
+        rows.append(dict(table="router", T=t, E=e, k=k, kernel="ours_topk_router", us=t_ours, torch_us=t_ref,
+                         ratio=t_ref / t_ours, GBps=nbytes / (t_ours * 1e-6) / 1e9,
+                         bw_share=nbytes / (t_ours * 1e-6) / 1e9 / copy_gbs, index_agreement=agree))
+
+
+def run_launch(rows: list) -> None:
+    from ttha.kernels import dequant_linear, topk_router
+    from ttha.quant import quantize
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(14336, 4096, device="cuda") / 64
+    q4, q2 = quantize(w, 4, 128), quantize(w, 2, 128)
+    wb = w.to(torch.bfloat16)
+    logits, bias = torch.randn(4096, 64, device="cuda"), torch.zeros(64, device="cuda")
+    for name, fn in [("ours_int4_g128 M1 4096x14336", lambda: dequant_linear(x, q4)),
+                     ("ours_int2_g128 M1 4096x14336", lambda: dequant_linear(x, q2)),
+                     ("bf16_linear M1 4096x14336", lambda: F.linear(x, wb)),
+                     ("ours_topk_router T4096 E64 k2", lambda: topk_router(logits, bias, 2))]:
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host_us = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        rows.append(dict(table="launch", kernel=name, paced_calls_per_s=paced_calls_per_s(fn),
+                         host_us_per_call=host_us))
+
+
+def fmt_table(rows: list) -> str:
+    out = []
+    lin = [r for r in rows if "table" not in r]
+    if lin:
+        out.append(f"{'K x N':>12} {'M':>5} {'kernel':>20} {'us':>9} {'torch us':>9} {'ratio':>6} {'GB/s':>7} "
+                   f"{'%copy':>6} {'relerr':>8}")
+        for r in lin:
+            out.append(f"{r['K']:>5}x{r['N']:<6} {r['M']:>5} {r['kernel']:>20} {r['us']:9.1f} {r['torch_us']:9.1f} "
+                       f"{r['ratio']:6.2f} {r['GBps']:7.0f} {100 * r['bw_share']:5.1f}% "
+                       f"{r.get('relerr', float('nan')):8.1e}")
+    en = [r for r in rows if r.get("table") == "energy"]
+    if en:
+        out.append(f"\nenergy per call (NVML, >=2 s saturated loop)\n{'K x N':>12} {'M':>3} {'kernel':>16} "
+                   f"{'mJ/call':>9} {'avg W':>7}")
+        for r in en:
+            out.append(f"{r['K']:>5}x{r['N']:<6} {r['M']:>3} {r['kernel']:>16} {r['energy_mj']:9.3f} {r['avg_w']:7.0f}")
+    ro = [r for r in rows if r.get("table") == "router"]
+    if ro:
+        out.append(f"\nrouter\n{'T':>6} {'E':>4} {'k':>2} {'ours us':>8} {'torch us':>9} {'ratio':>6} {'GB/s':>6} "
+                   f"{'idx agree':>9}")
+        for r in ro:
+            out.append(f"{r['T']:>6} {r['E']:>4} {r['k']:>2} {r['us']:8.1f} {r['torch_us']:9.1f} {r['ratio']:6.2f} "
+                       f"{r['GBps']:6.0f} {r['index_agreement']:9.4f}")
+    la = [r for r in rows if r.get("table") == "launch"]
+    if la:
+        out.append("\npaced single calls (sync after each)")
+        for r in la:
+            out.append(f"{r['kernel']:>32} {r['paced_calls_per_s']:8.0f} calls/s  host {r['host_us_per_call']:.1f} us/call")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer M and router sizes")
+    ap.add_argument("--only", default="linear,energy,router,launch")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU")
+    only = set(args.only.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    copy_gbs = copy_bandwidth()
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, copy_GBps=copy_gbs)
+    import triton
+
+    meta["triton"] = triton.__version__
+    print(json.dumps(meta), flush=True)
+    rows: list = []
+    if "linear" in only:
+        run_linear(rows, copy_gbs, args.quick, energy="energy" in only)
+    if "router" in only:
+        run_router(rows, copy_gbs, args.quick)
+    if "launch" in only:
+        run_launch(rows)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(os.path.join(args.out, "bench.csv"), "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s on {meta['device']}")
+    print(fmt_table(rows))
+
+
+if __name__ == "__main__":
+    main()
