@@ -206,3 +206,27 @@ def test_missing_telemetry_reading_is_no_strain():
     serve_step(r, nan)
     terms = r.update_ttha(nan, 0.0, 2.0)
     assert all(math.isfinite(v) for v in terms.values()) and terms["power"] == 0.0
+
+
+@pytest.mark.parametrize("power_w, temp_c, latency_ms", [(450.0, 90.0, 150.0), (250.0, 60.0, 10.0)])
+def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms):
+    """update_ttha's closed-form bias gradient equals autograd through ttha_loss (same Adam step)."""
+    torch.manual_seed(0)
+    a, b = make_router(), make_router()
+    b.adapter.load_state_dict(a.adapter.state_dict())
+    with torch.no_grad():  # a non-neutral adapter, so every path of the gradient is exercised
+        for r in (a, b):
+            r.adapter.net[-1].weight.copy_(torch.linspace(-0.5, 0.5, r.adapter.net[-1].weight.numel()))
+    s = sample(power_w=power_w, temp_c=temp_c)
+    for r in (a, b):
+        serve_step(r, s, latency_ms)
+    reference = a.ttha_loss(s, latency_ms, 2.0)
+    a.optimizer.zero_grad()
+    reference["total"].backward()
+    ref_grads = [p.grad.clone() for p in a.adapter.parameters()]
+    got = b.update_ttha(s, latency_ms, 2.0)
+    assert got == pytest.approx({k: float(v.detach()) for k, v in reference.items()}, rel=1e-5, abs=1e-7)
+    b_grads = [p.grad for p in b.adapter.parameters()]
+    for g_ref, g in zip(ref_grads, b_grads):
+        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in ref_grads) > 0
