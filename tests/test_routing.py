@@ -230,3 +230,20 @@ def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms)
     for g_ref, g in zip(ref_grads, b_grads):
         assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
     assert sum(float(g.abs().sum()) for g in ref_grads) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_routing_matches_the_torch_path_and_update_runs():
+    targets = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
+    r = AdaptiveRouter(E, K, BITS, KernelCostModel.load(DEFAULT_PATH), conf("router", "ttha"),
+                       conf("objective", "default"), targets, "cuda")
+    hot = sample(power_w=450.0)
+    r.begin_step(hot, 10.0)
+    logits = torch.randn(1000, E, device="cuda")
+    w, idx = r(logits, 0)  # the Triton kernel when ttha.kernels provides it
+    w_ref, idx_ref = topk_route(logits, r.bias.cuda(), K)
+    assert torch.equal(idx, idx_ref) and torch.allclose(w, w_ref, atol=1e-5)
+    assert r.usage().sum().item() == pytest.approx(1.0)
+    terms = r.update_ttha(hot, 10.0, 2.0)
+    assert terms["power"] > 0

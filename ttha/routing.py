@@ -153,6 +153,7 @@ class AdaptiveRouter:
             self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=float(_cfg(router_cfg, "lr", 0.05)),
                                               foreach=True)  # one call per op for all parameters: cheaper
         self._bias: torch.Tensor | None = None
+        self._zero_bias: torch.Tensor | None = None
         self._logits: dict[int, torch.Tensor] = {}
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self._folded = True
@@ -226,8 +227,11 @@ class AdaptiveRouter:
             bias = self._bias = bias.to(logits.device)
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
         if _HAS_TOPK_KERNEL and not needs_grad and _kernels.use_triton(logits):
-            b = bias if bias is not None else torch.zeros(self.n_experts, device=logits.device)
-            weights, indices = _kernels.topk_router(logits.float(), b, self.top_k)
+            if bias is None:  # the static router on the kernel path: a cached zero bias
+                if self._zero_bias is None or self._zero_bias.device != logits.device:
+                    self._zero_bias = torch.zeros(self.n_experts, device=logits.device)
+                bias = self._zero_bias
+            weights, indices = _kernels.topk_router(logits.float(), bias, self.top_k)
         else:
             weights, indices = topk_route(logits.float(), bias, self.top_k)
         # One record per layer per step: the serving (prequential) forward; a TTT forward of the same
