@@ -27,6 +27,12 @@ APP = APP_DIR / "app.py"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One MLflow sqlite file for the module (creating one costs seconds); tests tell runs apart by study."""
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
 def _load_app():
     spec = importlib.util.spec_from_file_location("sweep_app_main", APP)
     module = importlib.util.module_from_spec(spec)
@@ -34,12 +40,12 @@ def _load_app():
     return module
 
 
-def run_app(monkeypatch, tmp_path, *overrides) -> int:
+def run_app(monkeypatch, tmp_path, db, *overrides) -> int:
     """`python app.py -m hydra/sweeper=optuna <overrides>` in-process, launched from tmp_path; exit code."""
     app = _load_app()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["app.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
-                                      "hydra.sweep.dir=multirun", *overrides])
+                                      "hydra.sweep.dir=multirun", f"tracking.uri=sqlite:///{db}", *overrides])
     GlobalHydra.instance().clear()
     try:
         app.main()
@@ -58,9 +64,9 @@ def states(tmp_path, name):
     return sorted(t.state.name for t in study(tmp_path, name).trials)
 
 
-def mlflow_runs(tmp_path):
-    """{run_id: {"status", "tags", "params"}} from the sweep's MLflow sqlite file."""
-    con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
+def mlflow_runs(db):
+    """{run_id: {"status", "tags", "params"}} from the MLflow sqlite file."""
+    con = sqlite3.connect(db)
     runs = {rid: {"status": status, "tags": {}, "params": {}}
             for rid, status in con.execute("select run_uuid, status from runs")}
     for key, value, rid in con.execute("select key, value, run_uuid from tags"):
@@ -81,8 +87,9 @@ def children(runs, parent_id):
             if r["tags"].get("mlflow.parentRunId") == parent_id}
 
 
-def parents(runs):
-    return [rid for rid, r in runs.items() if "mlflow.parentRunId" not in r["tags"]]
+def parents(runs, study_name):
+    return [rid for rid, r in runs.items()
+            if "mlflow.parentRunId" not in r["tags"] and r["tags"].get("study_name") == study_name]
 
 
 # -- grammar --------------------------------------------------------------------------------------------
@@ -125,12 +132,12 @@ def test_grammar_errors_name_the_key(expr, problem):
 
 # -- sweeps ---------------------------------------------------------------------------------------------
 
-def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path):
+def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path, mlflow_db):
     args = ["hydra.sweeper.study_name=s", "x=interval(-1, 2)", "y=range(0, 3)", "kind=b"]
-    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=4", *args) == 0
+    assert run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.n_trials=4", *args) == 0
     assert states(tmp_path, "s") == ["COMPLETE"] * 4
-    runs = mlflow_runs(tmp_path)
-    [parent] = parents(runs)
+    runs = mlflow_runs(mlflow_db)
+    [parent] = parents(runs, "s")
     kids = children(runs, parent)
     assert sorted(kids) == [0, 1, 2, 3]
     trials = {t.number: t for t in study(tmp_path, "s").trials}
@@ -145,43 +152,43 @@ def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path)
     assert (tmp_path / "multirun" / "optimization_history.png").stat().st_size > 1000
     assert runs[parent]["status"] == "FINISHED" and runs[parent]["tags"]["study_name"] == "s"
 
-    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=4", *args) == 0  # nothing left to do
+    assert run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.n_trials=4", *args) == 0  # nothing left to do
     assert states(tmp_path, "s") == ["COMPLETE"] * 4
-    assert run_app(monkeypatch, tmp_path, "hydra.sweeper.n_trials=6", *args) == 0  # exactly 2 more
+    assert run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.n_trials=6", *args) == 0  # exactly 2 more
     assert states(tmp_path, "s") == ["COMPLETE"] * 6
-    runs = mlflow_runs(tmp_path)
-    assert parents(runs) == [parent] and sorted(children(runs, parent)) == list(range(6))
+    runs = mlflow_runs(mlflow_db)
+    assert parents(runs, "s") == [parent] and sorted(children(runs, parent)) == list(range(6))
 
 
-def test_failed_and_nan_trials_are_fail_and_the_sweep_goes_on(monkeypatch, tmp_path):
-    rc = run_app(monkeypatch, tmp_path, "hydra.sweeper.study_name=f", "hydra.sweeper.n_trials=3",
+def test_failed_and_nan_trials_are_fail_and_the_sweep_goes_on(monkeypatch, tmp_path, mlflow_db):
+    rc = run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.study_name=f", "hydra.sweeper.n_trials=3",
                  "hydra.sweeper.max_failure_rate=0.7", "x=interval(0, 1)", "fail_trials=[1]", "nan_trials=[2]")
     assert rc == 0
     trials = study(tmp_path, "f").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].user_attrs["error"] == "boom: last line"
     assert trials[2].user_attrs["error"] == "objective loss=nan is not finite"
-    runs = mlflow_runs(tmp_path)
-    kids = children(runs, parents(runs)[0])
+    runs = mlflow_runs(mlflow_db)
+    kids = children(runs, parents(runs, "f")[0])
     assert [kids[n]["status"] for n in range(5)] == ["FINISHED", "FAILED", "FAILED", "FINISHED", "FINISHED"]
     assert kids[1]["tags"]["error"] == "boom: last line"
     assert kids[2]["tags"]["error"] == "objective loss=nan is not finite"
 
 
-def test_too_many_failures_stop_the_sweep_with_one_line(monkeypatch, tmp_path, capsys):
-    rc = run_app(monkeypatch, tmp_path, "hydra.sweeper.study_name=g", "hydra.sweeper.n_trials=4",
+def test_too_many_failures_stop_the_sweep_with_one_line(monkeypatch, tmp_path, mlflow_db, capsys):
+    rc = run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.study_name=g", "hydra.sweeper.n_trials=4",
                  "hydra.sweeper.max_failure_rate=0.25", "x=interval(0, 1)", "fail_trials=[0,2]")
     assert rc == 1
     assert states(tmp_path, "g") == ["COMPLETE", "FAIL", "FAIL"]
     line = error_lines(capsys)[-1]
     assert line.startswith("hydra.sweeper.max_failure_rate=0.25: 2 trial(s) failed")
-    runs = mlflow_runs(tmp_path)
-    assert runs[parents(runs)[0]]["status"] == "FAILED"
+    runs = mlflow_runs(mlflow_db)
+    assert runs[parents(runs, "g")[0]]["status"] == "FAILED"
 
 
-def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_path):
+def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_path, mlflow_db):
     assert register_named_sweeps(APP_DIR / "sweeps") == ["app_pareto"]
-    assert run_app(monkeypatch, tmp_path, "sweep=app_pareto") == 0
+    assert run_app(monkeypatch, tmp_path, mlflow_db, "sweep=app_pareto") == 0
     st = study(tmp_path, "app_pareto")
     assert len(st.trials) == 5 and len(st.directions) == 2
     results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
@@ -191,8 +198,9 @@ def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_pa
         for v in front.values():
             assert not (t.values[0] < v["loss"] and t.values[1] < v["cost"])
     assert (tmp_path / "multirun" / "pareto_front.png").stat().st_size > 1000
-    con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
-    size = con.execute("select value from metrics where key='pareto/size'").fetchone()[0]
+    [parent] = parents(mlflow_runs(mlflow_db), "app_pareto")
+    con = sqlite3.connect(mlflow_db)
+    size = con.execute("select value from metrics where key='pareto/size' and run_uuid=?", (parent,)).fetchone()[0]
     assert size == len(front)
 
 
@@ -210,54 +218,59 @@ def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_pa
     (["nosuchkey=interval(0, 1)"], "hydra.sweeper.params="),
     (["hydra.sweeper.custom_search_space=nowhere.fn"], "hydra.sweeper.custom_search_space='nowhere.fn': cannot import"),
 ])
-def test_bad_input_is_one_line_before_any_trial(monkeypatch, tmp_path, capsys, overrides, start):
-    rc = run_app(monkeypatch, tmp_path, "x=interval(0, 1)", *overrides)
+def test_bad_input_is_one_line_before_any_trial(monkeypatch, tmp_path, mlflow_db, capsys, overrides, start):
+    rc = run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.study_name=bad", "x=interval(0, 1)", *overrides)
     err = error_lines(capsys)
     assert rc == 1 and len(err) == 1 and err[0].startswith(start), err
-    assert not (tmp_path / "outputs").exists()  # no study, no MLflow run, no trial
+    assert not (tmp_path / "outputs").exists()  # no study, no trial
+    assert not mlflow_db.exists() or not parents(mlflow_runs(mlflow_db), "bad")  # no MLflow run
 
 
-def test_unknown_sampler_group_is_rejected(monkeypatch, tmp_path, capsys):
-    assert run_app(monkeypatch, tmp_path, "hydra/sweeper/sampler=nosuch") == 1
+def test_unknown_sampler_group_is_rejected(monkeypatch, tmp_path, mlflow_db, capsys):
+    assert run_app(monkeypatch, tmp_path, mlflow_db, "hydra/sweeper/sampler=nosuch") == 1
     assert "hydra/sweeper/sampler/nosuch" in error_lines(capsys)[0]
     assert not (tmp_path / "outputs").exists()
 
 
 # -- killed sweeps and parallel trials (subprocesses) ----------------------------------------------------
 
-def _subprocess(tmp_path, *overrides, timeout=120):
+def _subprocess(tmp_path, db, *overrides, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(APP_DIR.parents[1])}
     cmd = [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
-           "hydra.sweep.dir=multirun", *overrides]
+           "hydra.sweep.dir=multirun", f"tracking.uri=sqlite:///{db}", *overrides]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_killed_sweep_resumes_and_finishes_with_the_right_count(tmp_path):
+@pytest.mark.slow
+def test_killed_sweep_resumes_and_finishes_with_the_right_count(tmp_path, mlflow_db):
     args = ["hydra.sweeper.study_name=k", "hydra.sweeper.n_trials=3", "x=interval(0, 1)", "kill_trial=1"]
-    first = _subprocess(tmp_path, *args)
+    first = _subprocess(tmp_path, mlflow_db, *args)
     assert first.returncode == -9, first.stderr[-2000:]
     assert states(tmp_path, "k") == ["COMPLETE", "RUNNING"]
-    second = _subprocess(tmp_path, *args)
+    second = _subprocess(tmp_path, mlflow_db, *args)
     assert second.returncode == 0, second.stderr[-2000:]
     assert [t.state.name for t in study(tmp_path, "k").trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    runs = mlflow_runs(tmp_path)
-    [parent] = parents(runs)
+    runs = mlflow_runs(mlflow_db)
+    [parent] = parents(runs, "k")
     kids = children(runs, parent)
     assert kids[1]["status"] == "KILLED" and runs[parent]["status"] == "FINISHED"
     assert [kids[n]["status"] for n in (0, 2, 3)] == ["FINISHED"] * 3
 
 
-def test_two_parallel_jobs_on_sqlite_record_every_trial(tmp_path):
-    proc = _subprocess(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-                       "hydra.sweeper.study_name=p", "hydra.sweeper.n_trials=4", "x=interval(0, 1)", "sleep_s=0.2")
+@pytest.mark.slow
+def test_two_parallel_jobs_on_sqlite_record_every_trial(tmp_path, mlflow_db):
+    proc = _subprocess(tmp_path, mlflow_db, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                       "hydra.sweeper.study_name=p", "hydra.sweeper.n_trials=4", "x=interval(0, 1)", "sleep_s=0.2",
+                       "hydra.sweeper.devices=[cuda:0,cuda:1]")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert states(tmp_path, "p") == ["COMPLETE"] * 4
-    runs = mlflow_runs(tmp_path)
-    kids = children(runs, parents(runs)[0])
+    runs = mlflow_runs(mlflow_db)
+    kids = children(runs, parents(runs, "p")[0])
     assert sorted(kids) == [0, 1, 2, 3] and all(k["status"] == "FINISHED" for k in kids.values())
+    assert [kids[n]["params"]["device"] for n in range(4)] == ["cuda:0", "cuda:1"] * 2  # one GPU per job
     values = {t.number: t.value for t in study(tmp_path, "p").trials}
+    con = sqlite3.connect(mlflow_db)
     for n, run in kids.items():  # the summary metric the child logged is the trial's value
-        con = sqlite3.connect(tmp_path / "outputs" / "mlflow.db")
         run_id = [rid for rid, r in runs.items() if r is run][0]
         loss = con.execute("select value from metrics where run_uuid=? and key='loss'", (run_id,)).fetchone()[0]
         assert math.isclose(loss, values[n], rel_tol=1e-9)

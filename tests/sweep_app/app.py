@@ -29,7 +29,7 @@ def main(cfg: DictConfig):
     tracker = tracking.tracker_from_config(cfg.tracking, launch)
     tracker.start(cfg.tracking.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id)
     with tracker:
-        tracker.log_params({"x": cfg.x, "y": cfg.y, "kind": cfg.kind})
+        tracker.log_params({"x": cfg.x, "y": cfg.y, "kind": cfg.kind, "device": cfg.device})
         time.sleep(cfg.sleep_s)
         if trial in cfg.fail_trials:
             raise RuntimeError(f"trial {trial} failed on purpose\nboom: last line")
