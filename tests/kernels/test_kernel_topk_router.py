@@ -18,7 +18,11 @@ def _inputs(t, e, seed, dtype=torch.float32):
 def _check(w, idx, logits, bias, k):
     wr, ir = topk_router_ref(logits, bias, k)
     assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == idx.shape == (logits.shape[0], k)
-    assert torch.equal(idx, ir)  # random logits: no ties
+    # Chosen experts must carry the reference's logits; at real sizes two distinct logits can round to
+    # one fp32 probability, so the torch sequence may pick either index of such a near-tie.
+    z = logits.float() + bias.float()
+    torch.testing.assert_close(z.gather(1, idx), z.gather(1, ir), rtol=0, atol=1e-5)
+    assert float((idx == ir).float().mean()) > 0.999
     torch.testing.assert_close(w, wr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.sum(-1), torch.ones(logits.shape[0], device=w.device))
 
