@@ -137,7 +137,9 @@ def test_light_step_on_the_moe_model():
     model = model_mod.MoELM(cfg)
     light = {id(p) for p in light_parameters(model)}
     names = {n for n, p in model.named_parameters() if id(p) in light}
-    assert names and all("norm" in n.lower() or "gate" in n or "router" in n for n in names), names
+    expected = {f"{m}.{p}" for m, mod in model.named_modules()
+                if isinstance(mod, nn.LayerNorm) or m.endswith("moe.gate") for p, _ in mod.named_parameters()}
+    assert any(n.endswith("moe.gate.weight") for n in names) and names == expected, names ^ expected
     trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-3, "light_lr": 1e-2}))
     before = snapshot(model)
     trainer.step(batch(), "light")
