@@ -69,13 +69,15 @@ def test_trace_saved_and_parsed_back_gives_the_same_ops(tmp_path):
              "ttt_expert_bits": [16, 4, 2]}
     templates = profiler.operation_templates(profiler.Context(device, torch.float32, shape, None, 0))
     picked = {k: templates[k] for k in ("expert_16bit", "expert_int2", "router_topk")}
-    trace = profiler.save_trace(picked, [2, 32], device, tmp_path / "trace.json", repeats=3)
+    trace = profiler.save_trace(picked, [2, 4096], device, tmp_path / "trace.json", repeats=3)
     data = profiler.parse_trace(trace, "cpu", shape)
     model = costs.KernelCostModel(data, "trace")
     assert model.ops == sorted(picked)
     for op in picked:
-        assert model.batch_sizes(op) == [2.0, 32.0]
+        assert model.batch_sizes(op) == [2.0, 4096.0]
         assert all(v > 0 for v in data["ops"][op]["latency_ms"]) and data["ops"][op]["energy_j"] is None
+    # 4096 tokens through an expert take longer than 2, in the trace too
+    assert data["ops"]["expert_16bit"]["latency_ms"][1] > data["ops"]["expert_16bit"]["latency_ms"][0]
 
 
 def test_parse_trace_rejects_a_trace_without_annotations(tmp_path):

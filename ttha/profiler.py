@@ -244,7 +244,9 @@ def _ttt_templates(ctx: Context) -> list[OpTemplate]:
             model = MoELM(mc)
         model = model.to(dtype=model_dtype(str(mc.get("dtype", "auto")), ctx.device))
         quantize_experts(model, [int(b) for b in ctx.shape["ttt_expert_bits"]], int(ctx.shape.get("group_size", 64)))
-        model.set_router(_adaptive_router(ctx))
+        router = _adaptive_router(ctx)
+        router.begin_step(_strained_sample(), 20.0)  # a bias on the device, as in a run's step
+        model.set_router(router)
         return TestTimeTrainer(model, {"full_lr": 1e-4, "light_lr": 1e-3})
 
     def build(mode):
@@ -380,7 +382,7 @@ def energy_per_call(fn: Fn, meter: EnergyMeter, device: torch.device, seconds: f
     calls = batches * n
     gross = joules / calls
     return {"gross": gross, "net": max(0.0, gross - idle_w * dt / calls), "power_w": joules / dt,
-            "window_s": dt, "calls": calls}
+            "window_s": dt, "calls": calls, "call_ms": 1e3 * dt / calls}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -470,7 +472,7 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
         for op in bar:
             bar.set_postfix_str(op.name)
             t_op = time.perf_counter()
-            lat, gross, net, power = [], [], [], []
+            lat, gross, net, power, window_ms = [], [], [], [], []
             for b in batch_sizes:
                 fn = op.build(b)
                 lat.append(latency_ms(fn, device, warmup, repeats))
@@ -479,10 +481,12 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
                     gross.append(e["gross"])
                     net.append(e["net"])
                     power.append(e["power_w"])
+                    window_ms.append(e["call_ms"])
                 del fn
             ops[op.name] = {"batch_sizes": list(batch_sizes), "latency_ms": lat,
                             "energy_j": net if meter else None, "energy_j_gross": gross if meter else None,
                             "energy_j_net": net if meter else None, "power_w": power if meter else None,
+                            "window_call_ms": window_ms if meter else None,
                             "group": op.group, "path": op.path, "seconds": time.perf_counter() - t_op}
         if meter is not None:
             meta["idle_w_end"] = idle_power_w(meter, idle_s, device)
@@ -494,7 +498,8 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
         "source": "profile_kernels.py (ttha.profiler)",
         "note": ("latency_ms: median of CUDA-event-timed calls (perf_counter on a CPU); energy_j: NVML "
                  "energy counter over >= window_s of back-to-back calls, J per call net of idle_w "
-                 "(energy_j_gross includes it); null when profiled on a CPU"),
+                 "(energy_j_gross includes it; power_w = mean power and window_call_ms = time per call in "
+                 "that window); null when profiled on a CPU"),
         "profile_version": PROFILE_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device), **meta, **versions(),
@@ -527,16 +532,18 @@ def save_trace(templates: dict[str, OpTemplate], batch_sizes: list[int], device:
     with torch.profiler.profile(activities=activities) as prof:
         for label, fn in calls:
             for _ in range(repeats):
-                with record_function(label):
+                with record_function(label):  # the CPU span = wall time of one call, launch to done
                     fn()
-                _sync(device)  # one call at a time: its GPU span is its own
+                    _sync(device)
     prof.export_chrome_trace(str(path))
     return path
 
 
 def parse_trace(path: str | Path, gpu: str | None = None, shape: dict | None = None) -> dict:
     """A cost model (schema 1, energy null) from a trace `save_trace` wrote: per op@batch label the
-    median duration, from the GPU-side span of the label when the trace has one, else the CPU span."""
+    median wall time of one call (the CPU span of the label, which waits for the GPU); gpu_span_ms = the
+    median GPU-side span (first kernel to last) where the trace has one. Host-side ops (the TTHA update)
+    have a short GPU span and a long wall time: the wall time is what a run waits for."""
     path = Path(path)
     try:
         events = json.loads(path.read_text())
@@ -556,10 +563,13 @@ def parse_trace(path: str | Path, gpu: str | None = None, shape: dict | None = N
         raise ValueError(f"trace={str(path)!r}: no op@batch annotations (was it written by save_trace?)")
     ops: dict[str, dict] = {}
     for (op, batch), by_cat in sorted(spans.items()):
-        durations = by_cat.get("gpu_user_annotation") or by_cat["user_annotation"]
-        entry = ops.setdefault(op, {"batch_sizes": [], "latency_ms": [], "energy_j": None})
+        if "user_annotation" not in by_cat:
+            continue
+        entry = ops.setdefault(op, {"batch_sizes": [], "latency_ms": [], "energy_j": None, "gpu_span_ms": []})
         entry["batch_sizes"].append(batch)
-        entry["latency_ms"].append(float(statistics.median(durations)))
+        entry["latency_ms"].append(float(statistics.median(by_cat["user_annotation"])))
+        gpu = by_cat.get("gpu_user_annotation")
+        entry["gpu_span_ms"].append(float(statistics.median(gpu)) if gpu else None)
     return {"schema_version": costs.SCHEMA_VERSION, "gpu": gpu or "unknown", "estimated": False,
             "source": f"torch.profiler trace {path.name} (ttha.profiler.parse_trace)",
             "note": "latency_ms: median span of each op@batch annotation; no energy in a trace",
