@@ -104,26 +104,47 @@ class Pacer:
 
 
 class SimWork:
-    """What the run tells the simulated GPU: the energy the cost model predicts for the work done,
-    relative to the most expensive configuration (all experts 16-bit, full TTT) at full duty."""
+    """What the run tells the simulated GPU: its power as a fraction of the idle..cap range.
 
-    def __init__(self, cost_model, bits: list[int], n_layers: int, top_k: int, tokens: int):
-        n_experts = len(bits)
-        per_expert = max(1, tokens * top_k // n_experts)  # typical tokens an expert sees per call
+    The CPU stands in for the GPU's time, the cost model for what the GPU would run in it:
+    - serving busy time = a 16-bit reference time x (latency of the routed expert mix / latency of 16-bit
+      experts, from the cost model). The reference is calibrated on the warm-up batches (measured serving
+      time / the warm-up mix's latency ratio) and then fixed, because on a CPU the torch reference of a
+      quantized expert is slower than a 16-bit one, the opposite of the GPU;
+    - TTT busy time = the measured TTT time;
+    - power while busy = sim.busy_w (16-bit expert GEMVs on the H100 trace draw ~540 W) x the mix's
+      energy per second relative to 16-bit experts (memory-bound kernels draw about the same power);
+    - a paced workload leaves the GPU idle for the rest of each arrival interval, a saturated one never.
+    So cheaper experts lower the simulated power when the workload is paced; a saturated loop stays
+    high whatever the mix, as measured on the H100."""
 
-        def per_token(op: str) -> float:
-            return cost_model.get_cost(op, per_expert).energy_j / per_expert
+    def __init__(self, cost_model, bits: list[int], top_k: int, tokens: int, sim_cfg):
+        per_expert = max(1, tokens * top_k // len(bits))  # typical tokens an expert sees per call
+        ref = cost_model.get_cost(costs.expert_op(16), per_expert)
+        mix = [cost_model.get_cost(costs.expert_op(b), per_expert) for b in bits]
+        self.latency_rel = np.array([c.latency_ms / ref.latency_ms for c in mix])
+        known = ref.energy_j is not None and all(c.energy_j is not None for c in mix)
+        self.energy_rel = (np.array([c.energy_j / ref.energy_j for c in mix]) if known
+                           else self.latency_rel.copy())  # no energy measured: same power as 16-bit
+        g = lambda key, default: float(sim_cfg.get(key, default))  # noqa: E731
+        idle, cap = g("idle_w", 78.0), g("cap_w", 700.0)
+        self.busy_rel = (g("busy_w", 550.0) - idle) / (cap - idle)
+        self._calibration: list[float] = []  # 16-bit reference serving times seen while calibrating
 
-        self.expert_ept = np.array([per_token(costs.expert_op(b)) for b in bits])
-        self.ref_ept = per_token(costs.expert_op(16))
-        self.serve_scale = n_layers * tokens * top_k
-        self.ttt = {m: cost_model.get_cost(f"ttt_{m}", tokens).energy_j for m in ("light", "full")}
-        self.ttt["skip"] = 0.0
-        self.reference = self.serve_scale * self.ref_ept + self.ttt["full"]
+    @property
+    def n_experts(self) -> int:
+        return len(self.latency_rel)
 
-    def relative_power(self, usage: np.ndarray, ttt_mode: str, duty: float) -> float:
-        serve = self.serve_scale * float(usage @ self.expert_ept)
-        return duty * (serve + self.ttt[ttt_mode]) / self.reference
+    def relative_power(self, usage: np.ndarray, serve_s: float, ttt_s: float, interval_s: float,
+                       calibrate: bool = False) -> float:
+        """Mean relative power over one batch: busy serving + busy TTT, idle for the rest of the interval."""
+        time_rel = max(float(usage @ self.latency_rel), 1e-9)
+        if calibrate or not self._calibration:
+            self._calibration.append(serve_s / time_rel)
+        serve_busy = min(self._calibration) * time_rel
+        busy = serve_busy + ttt_s
+        intensity = float(usage @ self.energy_rel) / time_rel
+        return self.busy_rel * (serve_busy * intensity + ttt_s) / max(busy, interval_s, 1e-9)
 
 
 def _usage_array(router, n_experts: int) -> np.ndarray:
@@ -138,7 +159,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
     tokens = B * S
     n_warm, n_meas = int(cfg.test.warmup_batches), int(cfg.test.n_batches)
-    n_experts = len(sim_work.expert_ept)
+    n_experts = sim_work.n_experts
     adaptive = bool(cfg.router.adaptive)
     update_every = int(cfg.router.get("update_every", 1))
     pacer = Pacer(cfg.workload, tokens)
@@ -150,7 +171,8 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
     energy0 = t_meas0 = None
     overhead = {"telemetry_s": 0.0, "log_s": 0.0, "ttha_s": 0.0, "step_s": 0.0}
     batches = data.stream_batches(corpus.test, B, S, n_warm + n_meas)
-    bar = tqdm(batches, total=n_warm + n_meas, desc="test-time phase", unit="batch", dynamic_ncols=True)
+    bar = tqdm(batches, total=n_warm + n_meas, desc="test-time phase", unit="batch", dynamic_ncols=True,
+               mininterval=pretrain.progress_interval())
     for i, batch in enumerate(bar):
         step = i - n_warm
         if i == n_warm:  # warm-up done: stress starts, the clock and energy counter are read
@@ -172,8 +194,11 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         nll = float(nll)
         task_loss = nll / y.numel()
 
+        t_served = time.perf_counter()
         mode, reason = policy.decide(sample, tokens, latency_ms)
+        t_ttt = time.perf_counter()
         trainer.step(batch, mode)
+        t_ttt_end = time.perf_counter()
 
         terms = {}
         t_ttha = time.perf_counter()
@@ -186,9 +211,8 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
 
         usage = _usage_array(router, n_experts)
-        busy = t_end - t_start
-        duty = min(1.0, busy / pacer.interval) if pacer.interval else 1.0
-        monitor.report_work(sim_work.relative_power(usage, mode, duty))
+        monitor.report_work(sim_work.relative_power(usage, t_served - t_start, t_ttt_end - t_ttt, pacer.interval,
+                                                    calibrate=step < 0))
 
         if step < 0:
             continue
@@ -212,7 +236,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         overhead["ttha_s"] += t_ttha_end - t_ttha
         overhead["log_s"] += t_log_end - t_log
         overhead["step_s"] += t_log_end - t_start
-        bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode)
+        bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 
     wall = time.perf_counter() - t_meas0
     energy = monitor.latest().energy_j - energy0
@@ -300,7 +324,7 @@ def run(cfg: DictConfig) -> list[float]:
         policy = ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets)
         trainer = ttt.TestTimeTrainer(model, cfg.ttt)
         tokens = int(cfg.test.batch_size) * int(cfg.test.seq_len)
-        sim_work = SimWork(cost_model, bits, int(cfg.model.n_layers), int(cfg.model.top_k), tokens)
+        sim_work = SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {})
 
         rows, summary = serve(cfg, model, corpus, router, policy, trainer, monitor, stressor, sim_work,
                               tracker, device)

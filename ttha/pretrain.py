@@ -1,0 +1,142 @@
+"""16-bit pretraining of the MoE LM, cached by a hash of (model, data, pretrain, seed) config.
+
+Sweep trials share one checkpoint: the first trains and writes it atomically (tmp + rename),
+the others load it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ttha import data
+from ttha.model import MoELM
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def progress_interval() -> float:
+    """Refresh progress bars often on a terminal, rarely in a log file."""
+    return 0.1 if sys.stderr.isatty() else 10.0
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def cache_key(cfg) -> str:
+    """Stable hash of everything that changes the trained weights."""
+    pre = OmegaConf.to_container(cfg.pretrain, resolve=True)
+    pre.pop("cache_dir", None)
+    pre["seed"] = pretrain_seed(cfg)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("dtype", None)  # the serving dtype: training is fp32 / autocast either way
+    payload = {"model": model, "data": OmegaConf.to_container(cfg.data, resolve=True), "pretrain": pre}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain_seed(cfg) -> int:
+    """pretrain.seed, or the run's seed when it is null."""
+    seed = cfg.pretrain.get("seed")
+    return int(cfg.seed if seed is None else seed)
+
+
+def cache_dir(cfg) -> Path:
+    if cfg.pretrain.get("cache_dir"):
+        return Path(str(cfg.pretrain.cache_dir))
+    from ttha.experiment import launch_dir
+
+    return launch_dir() / "outputs" / "cache"
+
+
+@torch.no_grad()
+def evaluate(model: MoELM, stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int,
+             device: torch.device) -> float:
+    """Perplexity on the first n_batches consecutive windows of a stream."""
+    model.eval()
+    nll, n = 0.0, 0
+    for batch in data.stream_batches(stream, batch_size, seq_len, n_batches):
+        batch = batch.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch[:, :-1])
+        nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
+                                     reduction="sum"))
+        n += batch[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]:
+    p = cfg.pretrain
+    seed = pretrain_seed(cfg)
+    torch.manual_seed(seed)
+    model = MoELM(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(p.lr), weight_decay=float(p.weight_decay),
+                            betas=(0.9, 0.95))
+    steps, warm = int(p.steps), int(p.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss_ema = None
+    bar = tqdm(range(steps), desc="pretraining", unit="step", dynamic_ncols=True, mininterval=progress_interval())
+    for _ in bar:
+        batch = data.random_batch(corpus.train, int(p.batch_size), int(p.seq_len), gen).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        total = loss + float(p.aux_loss_weight) * model.aux_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        value = loss.item()
+        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+        bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
+    return model, loss_ema
+
+
+def load_or_train(cfg, device: torch.device) -> tuple[MoELM, dict]:
+    """The pretrained 16-bit model on `device` in the serving dtype, and what is known about it."""
+    t0 = time.perf_counter()
+    corpus = data.load_corpus(cfg.data)
+    path = cache_dir(cfg) / f"moe-{cache_key(cfg)}.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = MoELM(cfg.model)
+        model.load_state_dict(state["model"])
+        info = dict(state["info"], cached=True)
+        log.info("pretrained model loaded from cache %s", path)
+    else:
+        model, final_loss = train(cfg, corpus, device)
+        model = model.cpu()
+        info = {"final_loss": final_loss}
+        b = min(int(cfg.pretrain.batch_size), 16)
+        s = int(cfg.pretrain.seq_len)
+        info["test_perplexity"] = evaluate(model.to(device), corpus.test, b, s, int(cfg.pretrain.eval_batches),
+                                           device)
+        info["unigram_perplexity"] = data.unigram_perplexity(corpus.test)
+        model = model.cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"model": model.state_dict(), "info": info}, tmp)
+        os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
+        info = dict(info, cached=False)
+        log.info("pretrained model cached at %s (test ppl %.2f, byte-unigram ppl %.2f)", path,
+                 info["test_perplexity"], info["unigram_perplexity"])
+    model = model.to(device=device, dtype=model_dtype(cfg.model.dtype, device))
+    info.update(cache_path=str(path), seconds=time.perf_counter() - t0)
+    return model, info
