@@ -130,3 +130,19 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:
         profiler.run(_cfg(tmp_path, override, "tracking.enabled=false"))
     assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_partial_profile_carries_the_other_ops_over_from_base(cpu_profile, tmp_path):
+    _, base_path, base = cpu_profile
+    path, data = profiler.run(_cfg(tmp_path, "ops=[expert_int4]", f"base={base_path}", "tracking.enabled=false"))
+    assert set(data["ops"]) == set(base["ops"])
+    assert data["ops"]["ttt_full"] == base["ops"]["ttt_full"]  # carried over verbatim
+    assert data["carried_over"]["ops"] == sorted(set(base["ops"]) - {"expert_int4"})
+    assert json.loads(Path(path).read_text())["carried_over"]["from"].endswith(str(base_path))
+
+
+def test_base_from_another_gpu_is_rejected_before_profiling(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        profiler.run(_cfg(tmp_path, f"base={costs.DEFAULT_PATH}", "tracking.enabled=false"))
+    assert err.value.key == "base" and "measured on NVIDIA" in str(err.value)
+    assert not (tmp_path / "cm").exists()  # nothing written

@@ -681,6 +681,29 @@ def _ttt_model(cfg: Any, shape: dict) -> Any:
     return OmegaConf.create(_plain(choice))  # MoELM reads attributes
 
 
+def load_base(value: Any, device: torch.device) -> "costs.KernelCostModel | None":
+    """The `base` cost model (checked before any profiling), or None."""
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    try:
+        base = costs.KernelCostModel.from_file(path if path.is_absolute() else _launch_dir() / path, "base")
+    except ValueError as err:
+        raise ConfigError("base", str(value), str(err)) from None
+    if base.gpu != device_name(device):
+        raise ConfigError("base", str(value), f"measured on {base.gpu}, this run profiles {device_name(device)}")
+    return base
+
+
+def carry_over(data: dict, base: "costs.KernelCostModel") -> list[str]:
+    """Copy into `data` the ops of `base` that `data` lacks; record which, and from where."""
+    carried = [op for op in base.ops if op not in data["ops"]]
+    for op in carried:
+        data["ops"][op] = base.data["ops"][op]
+    data["carried_over"] = {"from": base.source, "created": base.data.get("created"), "ops": carried}
+    return carried
+
+
 def run(cfg: Any) -> tuple[Path, dict]:
     """Profile per the config (conf/profile.yaml); write the JSON, log the MLflow run; (path, data)."""
     device = resolve_device(_get(cfg, "device", "auto"))
@@ -709,6 +732,7 @@ def run(cfg: Any) -> tuple[Path, dict]:
         except ValueError as err:
             raise ConfigError("kernels", kernels_choice, str(err)) from None
 
+    base = load_base(_get(cfg, "base"), device)
     torch.manual_seed(int(_get(cfg, "seed", 0)))
     ttt_model = _ttt_model(cfg, shape)
     ctx = Context(device, _dtype(device), shape, ttt_model, int(_get(cfg, "rotate_bytes", 256 << 20)))
@@ -732,6 +756,8 @@ def run(cfg: Any) -> tuple[Path, dict]:
     data["shape"] = {**shape, "size": size,
                      "ttt_model": _plain(ttt_model)}
     data["kernels_backend"] = kernels_choice
+    if base is not None:
+        carry_over(data, base)
     costs.KernelCostModel(data, "profile")  # schema check before anything is written
 
     launch = _launch_dir()
