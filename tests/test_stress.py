@@ -201,3 +201,10 @@ def test_install_signal_handlers_keeps_a_user_handler():
             time.sleep(1.0)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_measure_reports_the_power_a_scenario_adds_under_sim():
+    (row,) = stress.measure(["matmul"], seconds=1.5, device="cpu", idle_s=0.5)
+    assert row["telemetry"] == "sim" and row["idle_w"] == pytest.approx(78.0, abs=1.0)
+    # matmul at duty 1 adds sim_power_w = 250 W; NVML-like averaging (0.5 s) lags the first part of the window
+    assert 120.0 < row["added_power_w"] < 250.0 and row["added_temp_c"] > 1.0

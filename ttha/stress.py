@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ttha.config import ConfigError
@@ -314,3 +315,69 @@ def install_signal_handlers() -> bool:
         return False
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     return True
+
+
+# ----------------------------------------------------------------------------- measuring a scenario
+
+def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: float = 3.0) -> list[dict]:
+    """What each scenario adds: mean power and max temperature over `seconds` of the stressor alone, against
+    the idle reading just before it (nvml on a GPU, the simulator elsewhere)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ttha import telemetry
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    base = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "telemetry" / "sim.yaml")
+    monitor = telemetry.build_monitor(OmegaConf.merge(base, {"source": "auto"}), dev)
+    results = []
+    with monitor:
+        for kind in kinds:
+            cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "stress" / f"{kind}.yaml")
+            if kind == "thermal_ramp":
+                cfg.ramp_s = seconds
+            window = {}
+            for phase, secs in (("idle", idle_s), ("stress", seconds)):
+                stressor = build_stressor(cfg, dev, monitor) if phase == "stress" else Stressor()
+                with stressor:  # stops it on exit
+                    stressor.start()
+                    t0 = monitor.clock()
+                    time.sleep(secs)
+                    window[phase] = [s for s in list(monitor.history) if s.t >= t0]
+            idle_p = sum(s.power_w for s in window["idle"]) / max(len(window["idle"]), 1)
+            p = [s.power_w for s in window["stress"]]
+            row = {"kind": kind, "telemetry": monitor.source, "seconds": seconds, "idle_w": idle_p,
+                   "mean_power_w": sum(p) / max(len(p), 1), "max_power_w": max(p, default=float("nan")),
+                   "idle_temp_c": window["idle"][-1].temp_c if window["idle"] else float("nan"),
+                   "max_temp_c": max((s.temp_c for s in window["stress"]), default=float("nan"))}
+            row["added_power_w"] = row["mean_power_w"] - idle_p
+            row["added_temp_c"] = row["max_temp_c"] - row["idle_temp_c"]
+            results.append(row)
+            log.info("%s", row)
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Measure the power and temperature each stress scenario adds.")
+    ap.add_argument("--measure", nargs="+", default=["matmul", "bursty", "thermal_ramp"], choices=KINDS[1:])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    rows = measure(args.measure, args.seconds, args.device)
+    print(f"{'kind':<14}{'telemetry':>10}{'idle W':>8}{'mean W':>8}{'+W':>7}{'max W':>7}{'idle C':>8}{'max C':>7}{'+C':>6}")
+    for r in rows:
+        print(f"{r['kind']:<14}{r['telemetry']:>10}{r['idle_w']:8.0f}{r['mean_power_w']:8.0f}{r['added_power_w']:7.0f}"
+              f"{r['max_power_w']:7.0f}{r['idle_temp_c']:8.1f}{r['max_temp_c']:7.1f}{r['added_temp_c']:6.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -161,5 +161,17 @@ def tracker_from_config(tracking_cfg, launch_dir: Path) -> Tracker:
     return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s))
 
 
+def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Every FINISHED run of an experiment as {run_id, name, params, metrics (latest values), tags}."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"experiment={experiment!r}: not in {uri}")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              max_results=50_000)
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "params": dict(r.data.params),
+             "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]
+
+
 def mlflow_version() -> str:
     return mlflow.__version__
