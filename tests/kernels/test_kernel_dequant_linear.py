@@ -1,4 +1,6 @@
 """Fused dequant-linear kernel vs its torch reference (Triton interpreter on CPU, real sizes on GPU)."""
+import importlib
+
 import pytest
 import torch
 
@@ -44,9 +46,37 @@ def test_matches_reference(bits, group, m, bias):
 @needs_kernel
 def test_fp16_leading_dims_and_tile_config():
     x, qw, b, ref = _case(0, 48, 256, 4, 64, dtype=torch.float16, lead=(2, 3), seed=7)
-    y = dequant_linear_triton(x, qw, b, config={"BM": 16, "BN": 32, "BK": 64, "GROUP_M": 2})
+    y = dequant_linear_triton(x, qw, b, config={"BM": 8, "BN": 32, "BKW": 16, "SPLIT_K": 1, "USE_DOT": False})
     assert y.shape == (2, 3, 48) and y.dtype == torch.float16
     assert _rel(y, ref) < 2e-3  # fp16 output rounding only
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("config", [
+    {"BM": 1, "BN": 16, "BKW": 32, "SPLIT_K": 1, "USE_DOT": False},  # decode, FMA units
+    {"BM": 4, "BN": 16, "BKW": 16, "SPLIT_K": 4, "USE_DOT": False},  # decode, split-K + reduce kernel
+    {"BM": 16, "BN": 32, "BKW": 16, "SPLIT_K": 3, "USE_DOT": True},  # tensor cores, uneven split
+    {"BM": 32, "BN": 16, "BKW": 16, "SPLIT_K": 1, "USE_DOT": True},  # mid-M tiles
+])
+def test_every_tile_regime_matches_reference(bits, config):
+    m = config["BM"] if config["BM"] > 1 else 1
+    x, qw, b, ref = _case(m - (m > 1), 40, 256, bits, 64, seed=bits + config["BM"])  # M just under the tile
+    y = dequant_linear_triton(x, qw, b, config=config)
+    assert not y.isnan().any() and _rel(y, ref) < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+def test_dequantize_kernel_is_exact_and_large_m_uses_it(bits, monkeypatch):
+    dl = importlib.import_module("ttha.kernels.dequant_linear")  # the module (the package exports the function)
+    x, qw, b, ref = _case(5, 40, 256, bits, 32, seed=11)
+    assert torch.equal(dl.dequantize_triton(qw, torch.float32), dequantize(qw))  # same FMA order as quant.py
+    calls = []
+    monkeypatch.setattr(dl, "LARGE_M", 4)  # route this small M through the large-M path
+    monkeypatch.setattr(dl, "dequantize_triton", lambda q, dt: calls.append(dt) or dequantize(q, dt))
+    y = dequant_linear_triton(x, qw, b)
+    assert calls == [x.dtype] and _rel(y, ref) < 1e-2
 
 
 @needs_kernel
