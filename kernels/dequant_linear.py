@@ -121,7 +121,7 @@ if HAS_TRITON:
 
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            acc += bias[None, :] * (pid_k == 0)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # once, not once per split
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         omask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
@@ -187,7 +187,7 @@ if HAS_TRITON:
         _cfg(bm, bn, bkw, split, True, warps, stages)
         for bm, bn, bkw, split, warps, stages in (
             (32, 64, 32, 1, 4, 3), (64, 64, 32, 1, 4, 3), (64, 128, 32, 1, 8, 3), (128, 128, 32, 1, 8, 3),
-            (64, 128, 16, 1, 4, 4), (128, 64, 32, 1, 8, 3), (32, 128, 32, 2, 4, 3))
+            (64, 128, 16, 1, 4, 4), (128, 64, 32, 1, 8, 3), (32, 128, 64, 1, 4, 3))
     ]
 
     def _prune(configs, named_args, **kwargs):
@@ -217,7 +217,8 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
         config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 16, "SPLIT_K": 2, "USE_DOT": m > 4}
-    max_split = int(config["SPLIT_K"]) if config is not None else MAX_SPLIT_K
+    # partial sums only where a config may split (decode); mid-M configs never do
+    max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     partials = torch.empty((max_split, m, n), dtype=torch.float32, device=x2.device) if max_split > 1 else y
     args = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2, y, partials, m, n, k,
