@@ -177,17 +177,16 @@ if HAS_TRITON:
     DECODE_CONFIGS = [
         *(_cfg(bm, bn, bkw, split, False, warps)
           for bm in (1, 2, 4, 8, 16)
-          for bn, bkw, split, warps in ((16, 64, 1, 4), (16, 128, 1, 4), (32, 64, 1, 4), (16, 64, 4, 4),
-                                        (32, 128, 2, 8), (8, 128, 4, 4), (64, 32, 1, 4), (16, 128, 8, 4))),
+          for bn, bkw, split, warps in ((16, 64, 1, 4), (32, 64, 1, 4), (16, 128, 4, 4), (32, 128, 2, 8),
+                                        (8, 128, 8, 4))),
         *(_cfg(16, bn, bkw, split, True, warps, stages)
-          for bn, bkw, split, warps, stages in ((32, 32, 1, 4, 3), (64, 32, 1, 4, 3), (64, 16, 2, 4, 4),
-                                                (128, 32, 1, 8, 3), (32, 64, 4, 4, 3), (64, 64, 1, 4, 2))),
+          for bn, bkw, split, warps, stages in ((32, 32, 1, 4, 3), (64, 32, 1, 4, 3), (64, 16, 4, 4, 4),
+                                                (128, 32, 1, 8, 3))),
     ]
     MID_CONFIGS = [
-        _cfg(bm, bn, bkw, split, True, warps, stages)
-        for bm, bn, bkw, split, warps, stages in (
-            (32, 64, 32, 1, 4, 3), (64, 64, 32, 1, 4, 3), (64, 128, 32, 1, 8, 3), (128, 128, 32, 1, 8, 3),
-            (64, 128, 16, 1, 4, 4), (128, 64, 32, 1, 8, 3), (32, 128, 64, 1, 4, 3))
+        _cfg(bm, bn, bkw, 1, True, warps, 3)
+        for bm, bn, bkw, warps in ((64, 64, 32, 4), (64, 128, 32, 8), (128, 128, 32, 8), (128, 64, 32, 8),
+                                   (32, 128, 64, 4))
     ]
 
     def _prune(configs, named_args, **kwargs):
