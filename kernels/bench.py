@@ -131,7 +131,8 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
 
 
 def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
-    from ttha.kernels import dequant_linear
+    from ttha.kernels import dequant_linear, dequant_linear_triton
+    from ttha.kernels.dequant_linear import LARGE_M
     from ttha.quant import dequantize, quantize
 
     shapes = SHAPES[:1] if quick else SHAPES
@@ -160,6 +161,9 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
                 relerr = float((y.float() - ref).norm() / ref.norm())
                 t = bench_us(lambda: dequant_linear(x, nq()))
                 rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, bytes=q[b].nbytes + io, relerr=relerr))
+                if m >= LARGE_M:  # the fused tensor-core kernel too, to place the LARGE_M switch on data
+                    tf = bench_us(lambda: dequant_linear_triton(x, nq(), path="fused"))
+                    rows.append(dict(base, kernel=f"fused_int{b}_g128", us=tf, bytes=q[b].nbytes + io))
                 if gem[b] is not None:
                     tg = bench_us(lambda: gem[b](x))
                     rows.append(dict(base, kernel=f"gemlite_int{b}_g128", us=tg, bytes=q[b].nbytes + io))

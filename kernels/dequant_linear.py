@@ -11,11 +11,11 @@ Three regimes, picked from M (rows of x):
   multiplied with the matching strided columns of x (x is tiny and stays in L1). Small M reduces on
   the FMA units; the autotuner may also pick the tensor-core variant. Split-K (a third grid axis,
   partial sums reduced by a second small kernel) keeps every SM streaming when N / BN is small.
-- SMALL_M < M < LARGE_M: the same kernel on tensor cores (tl.dot per plane), larger tiles.
-- M >= LARGE_M (compute bound): `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the
-  planes are re-interleaved in registers with tl.join), then cuBLAS multiplies. Dequantizing costs one
-  pass over N x K (~5 % of the GEMM at M = 4096), cheaper than a Triton GEMM that dequantizes in its
-  main loop runs behind cuBLAS on Hopper.
+- SMALL_M < M < LARGE_M: the same kernel on tensor cores, larger tiles (`path="fused"` forces it).
+- M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the planes are
+  re-interleaved in registers with tl.join), then cuBLAS multiplies (`path="dequant"` forces it).
+  Dequantizing costs one pass over N x K (~7 % of the GEMM at M = 4096 on the H100): two launches,
+  but 0.9x of cuBLAS bf16 where a Triton GEMM that dequantizes in its main loop ran far behind.
 
 Codes become floats with the 2**23 mantissa trick (an OR and a subtract instead of an int->float
 convert). The torch reference is `dequant_linear_ref`.
@@ -29,7 +29,8 @@ from ttha.quant import QuantizedWeight, dequantize
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
-LARGE_M = 1024  # at or above: dequantize once, then cuBLAS
+LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
+                # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
 MAX_SPLIT_K = 8  # largest split in the tuned configs (sizes the partial-sum buffer)
 
 
@@ -74,14 +75,32 @@ if HAS_TRITON:
         return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _unpack(words, BITS: tl.constexpr):
+        """[R, W] int32 words -> [R, W * 32 // BITS] codes in K order. Each tl.join halves the code width
+        and adds a minor dimension of 2 held by the same thread, so the final reshape moves no data."""
+        c = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)  # codes 0..PW/2-1 | PW/2..PW-1
+        c = tl.join(c & 0xFF, c >> 8)
+        c = tl.join(c & 0xF, c >> 4)
+        if BITS == 2:
+            c = tl.join(c & 0x3, c >> 2)
+        return tl.reshape(c, (words.shape[0], words.shape[1] * (32 // BITS)))
+
+    @triton.jit
     def _dq_mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET, stride_xm,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
                       USE_DOT: tl.constexpr):
         """y = x @ dequant(w).T (+ bias) [M, N] (contiguous); with SPLIT_K > 1 each K range writes fp32
-        partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y."""
+        partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y.
+
+        FMA path (USE_DOT=False): per tile of [BN, BKW] words, plane j (code j of every word = columns
+        kw * PW + j) is dequantized and multiplied with those (strided, L1-resident) columns of x into a
+        [BM, BN, BKW] accumulator; one reduction at the very end, none in the loop.
+        Tensor-core path: the words are unpacked to a [BN, BKW * PW] tile in K order (tl.join), with one
+        (scale, min) per row (BKW * PW <= GROUP, tiles aligned to groups), and x is read contiguously."""
         PW: tl.constexpr = 32 // BITS  # codes per int32 word
         MASK: tl.constexpr = (1 << BITS) - 1
+        BK: tl.constexpr = BKW * PW
         KW = K // PW
         NG = K // GROUP
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -91,33 +110,46 @@ if HAS_TRITON:
         m_ok, n_ok = rm < M, rn < N
         rn64 = rn.to(tl.int64)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + rn64[:, None] * KW
 
         # This split's word range, whole BKW tiles.
         per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BKW) * BKW
         kw_lo = pid_k * per_split
         kw_hi = tl.minimum(kw_lo + per_split, KW)
 
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kw0 in range(kw_lo, kw_hi, BKW):
-            kw = kw0 + rw
-            k_ok = kw < kw_hi
-            wmask = n_ok[:, None] & k_ok[None, :]
-            words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=wmask, other=0)
-            # A word never straddles groups (GROUP is a multiple of PW): one (scale, min) per word.
-            soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
-            sc = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
-            mn = tl.load(m_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
-            xmask = m_ok[:, None] & k_ok[None, :]
-            for j in tl.static_range(PW):  # plane j: code j of every word = K columns kw * PW + j
-                w = _codes_to_float((words >> (j * BITS)) & MASK) * sc + mn  # [BN, BKW]
-                xj = tl.load(x_rows + (kw * PW + j)[None, :], mask=xmask, other=0.0)  # [BM, BKW]
-                if USE_DOT:
-                    if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                        acc = tl.dot(xj.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(xj, tl.trans(w.to(xj.dtype)), acc)
+        if USE_DOT:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            rk = tl.arange(0, BK)
+            for kw0 in range(kw_lo, kw_hi, BKW):
+                kw = kw0 + rw
+                words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None] & (kw < kw_hi)[None, :], other=0)
+                soff = rn64 * NG + (kw0 * PW) // GROUP  # the tile lies in one group
+                sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+                mn = tl.load(m_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+                w = _codes_to_float(_unpack(words, BITS)) * sc[:, None] + mn[:, None]  # [BN, BK]
+                kk = kw0 * PW + rk
+                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
+                if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                    acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
                 else:
-                    acc += tl.sum(xj.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                    acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+        else:
+            acc3 = tl.zeros((BM, BN, BKW), dtype=tl.float32)
+            for kw0 in range(kw_lo, kw_hi, BKW):
+                kw = kw0 + rw
+                k_ok = kw < kw_hi
+                wmask = n_ok[:, None] & k_ok[None, :]
+                words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
+                # A word never straddles groups (GROUP is a multiple of PW): one (scale, min) per word.
+                soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
+                sc = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+                mn = tl.load(m_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+                xmask = m_ok[:, None] & k_ok[None, :]
+                for j in tl.static_range(PW):
+                    w = _codes_to_float((words >> (j * BITS)) & MASK) * sc + mn  # [BN, BKW]
+                    xj = tl.load(x_rows + (kw * PW + j)[None, :], mask=xmask, other=0.0).to(tl.float32)
+                    acc3 += xj[:, None, :] * w[None, :, :]
+            acc = tl.sum(acc3, axis=2)
 
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -142,61 +174,58 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
-        """out [N, K] = dequant(w) in out's dtype. The planes are re-interleaved with tl.join (halving
-        the code width each level), so each thread writes its word's PW values contiguously."""
+        """out [N, K] = dequant(w) in out's dtype: words unpacked in K order (tl.join), so every thread
+        writes its word's PW values contiguously."""
         PW: tl.constexpr = 32 // BITS
         KW = K // PW
         NG = K // GROUP
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         kw = tl.program_id(1) * BKW + tl.arange(0, BKW)
-        mask = (rn < N)[:, None] & (kw < KW)[None, :]
+        rk = tl.program_id(1) * BKW * PW + tl.arange(0, BKW * PW)
         rn64 = rn.to(tl.int64)
-        words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=mask, other=0)
-        soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
+        words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=(rn < N)[:, None] & (kw < KW)[None, :],
+                        other=0)
+        mask = (rn < N)[:, None] & (rk < K)[None, :]
+        soff = rn64[:, None] * NG + (rk // GROUP)[None, :]  # repeated addresses: served by L1
         sc = tl.load(s_ptr + soff, mask=mask, other=0.0).to(tl.float32)
         mn = tl.load(m_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-        c = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)  # [BN, BKW, 2]: codes 0..PW/2-1, PW/2..PW-1
-        c = tl.join(c & 0xFF, c >> 8)                          # [..., 2, 2]
-        if BITS == 4:
-            c = tl.join(c & 0xF, c >> 4)                        # [..., 2, 2, 2]: single 4-bit codes
-            w = _codes_to_float(c) * sc[:, :, None, None, None] + mn[:, :, None, None, None]
-        else:
-            c = tl.join(c & 0xF, c >> 4)
-            c = tl.join(c & 0x3, c >> 2)                        # [..., 2, 2, 2, 2]: single 2-bit codes
-            w = _codes_to_float(c) * sc[:, :, None, None, None, None] + mn[:, :, None, None, None, None]
-        w = tl.reshape(w, (BN, BKW * PW))  # row-major: (word, half, quarter, ...) = code order
-        rk = tl.program_id(1) * BKW * PW + tl.arange(0, BKW * PW)
-        omask = (rn < N)[:, None] & (rk < K)[None, :]
-        tl.store(out_ptr + rn64[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=omask)
+        w = _codes_to_float(_unpack(words, BITS)) * sc + mn
+        tl.store(out_ptr + rn64[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     def _cfg(bm, bn, bkw, split, dot, warps, stages=3):
         return triton.Config({"BM": bm, "BN": bn, "BKW": bkw, "SPLIT_K": split, "USE_DOT": dot},
                              num_warps=warps, num_stages=stages)
 
     # Decode: BM is the M bucket (1, 2, 4, 8, 16) on the FMA path, 16 on the tensor-core path.
+    # On the tensor-core path BKW is set to one group per tile (_tile_bkw), whatever the config says.
     DECODE_CONFIGS = [
         *(_cfg(bm, bn, bkw, split, False, warps)
           for bm in (1, 2, 4, 8, 16)
           for bn, bkw, split, warps in ((16, 64, 1, 4), (32, 64, 1, 4), (16, 128, 4, 4), (32, 128, 2, 8),
                                         (8, 128, 8, 4))),
-        *(_cfg(16, bn, bkw, split, True, warps, stages)
-          for bn, bkw, split, warps, stages in ((32, 32, 1, 4, 3), (64, 32, 1, 4, 3), (64, 16, 4, 4, 4),
-                                                (128, 32, 1, 8, 3))),
+        *(_cfg(16, bn, 0, split, True, warps, stages)
+          for bn, split, warps, stages in ((32, 1, 4, 3), (64, 1, 4, 3), (64, 4, 4, 4), (128, 1, 8, 3))),
     ]
     MID_CONFIGS = [
-        _cfg(bm, bn, bkw, 1, True, warps, 3)
-        for bm, bn, bkw, warps in ((64, 64, 32, 4), (64, 128, 32, 8), (128, 128, 32, 8), (128, 64, 32, 8),
-                                   (32, 128, 64, 4))
+        _cfg(bm, bn, 0, 1, True, warps, stages)
+        for bm, bn, warps, stages in ((64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 64, 8, 3),
+                                      (32, 128, 4, 4))
     ]
 
     def _prune(configs, named_args, **kwargs):
-        mb = named_args["M_BUCKET"]
-        if mb > SMALL_M:
-            return [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BM"] >= 32] or configs
-        keep = [c for c in configs if c.kwargs["BM"] == (16 if c.kwargs["USE_DOT"] else mb)]
-        # the FMA path holds a [BM, BN, BKW] product: keep it within ~64 registers a thread
-        return [c for c in keep if c.kwargs["USE_DOT"]
-                or c.kwargs["BM"] * c.kwargs["BN"] * c.kwargs["BKW"] <= 64 * 32 * c.num_warps] or keep
+        args = {**named_args, **kwargs}
+        mb = args["M_BUCKET"]
+        out = []
+        for c in configs:
+            kw = dict(c.kwargs)
+            if kw["USE_DOT"]:
+                if (mb > SMALL_M) != (kw["BM"] > 16):  # decode tiles for decode, mid tiles above
+                    continue
+                kw["BKW"] = _tile_bkw(args["BITS"], args["GROUP"])
+            elif mb > SMALL_M or kw["BM"] != mb or kw["BM"] * kw["BN"] * kw["BKW"] > 64 * 32 * c.num_warps:
+                continue  # FMA: BM = the M bucket, the [BM, BN, BKW] accumulator within ~64 registers a thread
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        return out or configs
 
     _dq_mm_tuned = triton.autotune(
         configs=DECODE_CONFIGS + MID_CONFIGS,
@@ -204,6 +233,11 @@ if HAS_TRITON:
         prune_configs_by={"early_config_prune": _prune},
         **autotune_kwargs(),
     )(_dq_mm_kernel)
+
+
+def _tile_bkw(bits: int, group: int) -> int:
+    """Words per K tile on the tensor-core path: one group, so one (scale, min) per row and tile."""
+    return group * bits // 32
 
 
 def _m_bucket(m: int) -> int:
@@ -216,6 +250,8 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
         config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 16, "SPLIT_K": 2, "USE_DOT": m > 4}
+    if config is not None and config["USE_DOT"]:
+        config = dict(config, BKW=_tile_bkw(qw.bits, qw.group_size))
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -247,10 +283,16 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+PATHS = ("auto", "fused", "dequant")
+
+
 def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                          config: dict | None = None) -> torch.Tensor:
-    """The Triton path (autotuned on GPU; `config` fixes the tiles of the matmul kernel)."""
+                          config: dict | None = None, path: str = "auto") -> torch.Tensor:
+    """The Triton path. path: auto (by M), fused (the matmul kernel, autotuned or `config`), dequant
+    (dequantize kernel + cuBLAS)."""
     check_args(x, qw, bias)
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: must be one of {', '.join(PATHS)}")
     n, k = qw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -259,7 +301,7 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
     m = x2.shape[0]
     if m == 0:
         return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
-    if m >= LARGE_M and config is None:
+    if path == "dequant" or (path == "auto" and m >= LARGE_M and config is None):
         w = dequantize_triton(qw, x.dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
     else:

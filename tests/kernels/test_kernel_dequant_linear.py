@@ -123,3 +123,20 @@ def test_gpu_real_sizes(bits, m):
     x, qw, b, ref = _case(m, 14336, 4096, bits, 128, seed=m)
     y = dequant_linear(x, qw, b)
     assert _rel(y, ref) < 1e-2  # bf16 operands and output
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m_bucket", [1, 2, 4, 8, 16, 32, 512])
+def test_autotune_space_fits_each_regime(bits, group, m_bucket):
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    configs = dl._prune(dl.DECODE_CONFIGS + dl.MID_CONFIGS, {"M_BUCKET": m_bucket}, BITS=bits, GROUP=group)
+    assert configs
+    for c in configs:
+        kw = c.kwargs
+        if kw["USE_DOT"]:  # tensor cores: one group per K tile, decode tiles only for decode
+            assert kw["BKW"] * (32 // bits) == group and (kw["BM"] == 16) == (m_bucket <= dl.SMALL_M)
+        else:  # FMA: rows = the M bucket, accumulator within 64 fp32 registers a thread
+            assert kw["BM"] == m_bucket <= dl.SMALL_M
+            assert kw["BM"] * kw["BN"] * kw["BKW"] <= 64 * 32 * c.num_warps
