@@ -91,11 +91,12 @@ def test_load_file_errors_and_explicit_path(tmp_path):
     assert m.source == f"file:{good}" and m.get_cost("op", 16).latency_ms == 3.0
 
 
-def test_load_without_gpu_file_uses_the_shipped_estimates(tmp_path, monkeypatch):
+def test_load_without_gpu_file_uses_the_shipped_h100_measurements(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(costs, "_current_gpu_name", lambda: None)
     m = KernelCostModel.load()
-    assert m.source.startswith("default:") and m.estimated
+    assert m.source == f"default:{costs.DEFAULT_PATH}" and not m.estimated
+    assert m.gpu == "NVIDIA H100 80GB HBM3" and m.data["source"].startswith("profile_kernels.py")
     # a profiled file for this GPU wins over the default
     monkeypatch.setattr(costs, "_current_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     measured = KernelCostModel(table([1, 2, 3, 4])).save(
@@ -110,10 +111,10 @@ def test_expert_op_names():
         expert_op(3)
 
 
-def test_shipped_default_is_the_documented_estimate():
-    shipped = json.loads(costs.DEFAULT_PATH.read_text())
+def test_shipped_estimate_is_the_documented_roofline():
+    shipped = json.loads(costs.ESTIMATE_PATH.read_text())
     assert shipped == json.loads(json.dumps(costs.estimate_h100()))  # regenerate: python -m ttha.costs
-    m = KernelCostModel.load(costs.DEFAULT_PATH)
+    m = KernelCostModel.load(costs.ESTIMATE_PATH)
     assert m.estimated and "ESTIMATES" in shipped["note"]
     required = {"expert_16bit", "expert_fp8", "expert_int4", "expert_int2", "router_topk",
                 "ttha_adapter_forward", "ttha_update", "ttt_full", "ttt_light"}

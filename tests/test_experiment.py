@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ttha import experiment
 from ttha.config import ConfigError
+from ttha.costs import ESTIMATE_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_STEP = [
@@ -86,6 +87,7 @@ def test_ttha_router_moves_tokens_to_cheap_experts_and_lowers_sim_power(tmp_path
     summaries = {}
     for router in ("static", "ttha"):
         cfg = make_cfg(tmp_path, cache_dir, f"router={router}", "targets.power_w=100", "ttt=never",
+                       f"cost_model={ESTIMATE_PATH}",  # roofline costs: the quantized experts are cheap
                        "workload=paced", "workload.tokens_per_s=3000", "tracking.plots=false",
                        "test.n_batches=80", "test.warmup_batches=4")
         experiment.run(cfg)

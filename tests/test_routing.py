@@ -8,10 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ttha.costs import KernelCostModel, DEFAULT_PATH
+from ttha.costs import ESTIMATE_PATH, KernelCostModel
 from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, TTHAAdapter, topk_route
 
-ROOT_CONF = DEFAULT_PATH.parents[2] / "conf"
+ROOT_CONF = ESTIMATE_PATH.parents[2] / "conf"
+COSTS = KernelCostModel.load(ESTIMATE_PATH)  # roofline: the quantized experts are the cheap ones
 BITS = [16, 4, 2, 16, 4, 2]
 E, K, T, LAYERS = 6, 2, 256, 2
 
@@ -28,7 +29,7 @@ def sample(power_w=200.0, temp_c=50.0, util_pct=80.0):
 
 def make_router(name="ttha", objective=None, **router_overrides):
     targets = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
-    return AdaptiveRouter(E, K, BITS, KernelCostModel.load(DEFAULT_PATH), conf("router", name, **router_overrides),
+    return AdaptiveRouter(E, K, BITS, COSTS, conf("router", name, **router_overrides),
                           objective or conf("objective", "default"), targets, "cpu")
 
 
@@ -188,7 +189,7 @@ def test_router_balance_score_follows_usage():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
-        AdaptiveRouter(2, 3, [16, 4], KernelCostModel.load(DEFAULT_PATH), conf("router", "ttha"),
+        AdaptiveRouter(2, 3, [16, 4], COSTS, conf("router", "ttha"),
                        conf("objective", "default"), {"power_w": 1, "temp_c": 1, "latency_ms": 1})
     r = make_router()
     with pytest.raises(ValueError, match="logits"):
@@ -236,7 +237,7 @@ def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_routing_matches_the_torch_path_and_update_runs():
     targets = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
-    r = AdaptiveRouter(E, K, BITS, KernelCostModel.load(DEFAULT_PATH), conf("router", "ttha"),
+    r = AdaptiveRouter(E, K, BITS, COSTS, conf("router", "ttha"),
                        conf("objective", "default"), targets, "cuda")
     hot = sample(power_w=450.0)
     r.begin_step(hot, 10.0)
@@ -247,3 +248,29 @@ def test_cuda_routing_matches_the_torch_path_and_update_runs():
     assert r.usage().sum().item() == pytest.approx(1.0)
     terms = r.update_ttha(hot, 10.0, 2.0)
     assert terms["power"] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_staged_step_updates_and_counts_exactly_like_the_unstaged_one(device):
+    """stage() only moves the host copies earlier (before the step's own sync): same terms, same adapter."""
+    terms, usage, params = [], [], []
+    for staged in (False, True):
+        torch.manual_seed(0)
+        router = make_router()
+        router.device = torch.device(device)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            router.begin_step(sample(power_w=450.0), 10.0)
+            for layer in range(LAYERS):
+                router(torch.randn(T, E, generator=g).to(device), layer)
+            if staged:
+                router.stage()
+            terms.append(router.update_ttha(sample(power_w=450.0), 10.0, 2.0))
+            usage.append(router.usage())
+        params.append(torch.cat([p.detach().flatten() for p in router.adapter.parameters()]))
+    n = len(terms) // 2
+    for a, b in zip(terms[:n], terms[n:]):
+        assert a == pytest.approx(b, rel=1e-6)
+    for a, b in zip(usage[:n], usage[n:]):
+        assert torch.equal(a, b)
+    assert torch.allclose(params[0], params[1], rtol=1e-6, atol=1e-7)

@@ -3,10 +3,12 @@
 The router and the TTT policy ask it what an operation costs: `get_cost(op, batch_size)`.
 A cost model is a JSON file (schema below). `KernelCostModel.load()` picks, in order, an explicit path,
 the file measured on the GPU this process runs on (outputs/cost_models/<gpu-name>.json, written by
-profile_kernels.py) or the shipped default ttha/resources/cost_model_default.json.
+profile_kernels.py) or the shipped default ttha/resources/cost_model_h100.json: measured on an H100 with
+profile_kernels.py (CUDA events, NVML energy net of idle).
 
-The shipped default holds ESTIMATES for an H100 (roofline from bytes moved and FLOPs per operation,
-see `estimate_h100`), marked "estimated": true. Regenerate it with `python -m ttha.costs`.
+ttha/resources/cost_model_estimate.json holds the roofline ESTIMATES for an H100 that came before the
+measurements (bytes moved and FLOPs per operation, `estimate_h100`), marked "estimated": true; tests use
+it where they need quantized experts to be the cheap ones. Regenerate it with `python -m ttha.costs`.
 
 Schema (version 1):
     {"schema_version": 1, "gpu": str, "estimated": bool, "source": str, "note": str (optional),
@@ -29,7 +31,9 @@ from typing import Any, NamedTuple
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DEFAULT_PATH = Path(__file__).resolve().parent / "resources" / "cost_model_default.json"
+RESOURCES = Path(__file__).resolve().parent / "resources"
+DEFAULT_PATH = RESOURCES / "cost_model_h100.json"  # measured (profile_kernels.py on an H100)
+ESTIMATE_PATH = RESOURCES / "cost_model_estimate.json"  # roofline estimates (python -m ttha.costs)
 EXPERT_OPS = {16: "expert_16bit", 8: "expert_fp8", 4: "expert_int4", 2: "expert_int2"}
 
 
@@ -202,7 +206,7 @@ class KernelCostModel:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The shipped default: roofline ESTIMATES for an H100 SXM (replaced by measurements, issue 6).
+# Roofline ESTIMATES for an H100 SXM (the shipped default until measurements replaced them).
 # latency = max(bytes / effective bandwidth, FLOPs / achievable FLOP/s) + launch overhead per kernel
 # energy  = P_active * latency + E_BYTE * bytes + E_FLOP * FLOPs   (net of the ~78 W idle floor)
 # The assumptions are module constants so the estimate can be read, checked and regenerated.
@@ -250,7 +254,7 @@ def _forward(t: float, s: dict) -> tuple[float, float]:
 
 
 def estimate_h100(shape: dict | None = None, batch_sizes: list[int] | None = None) -> dict:
-    """The default cost model (schema 1) from the roofline estimates above."""
+    """The estimated cost model (schema 1) from the roofline estimates above."""
     s = dict(DEFAULT_SHAPE if shape is None else shape)
     bss = list(BATCH_SIZES if batch_sizes is None else batch_sizes)
     d, f, e = s["d_model"], s["d_ff"], s["n_experts"]
@@ -287,8 +291,8 @@ def estimate_h100(shape: dict | None = None, batch_sizes: list[int] | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the estimated H100 cost model (the shipped default).")
-    p.add_argument("--out", default=str(DEFAULT_PATH))
+    p = argparse.ArgumentParser(description="Write the estimated H100 cost model (roofline, not measured).")
+    p.add_argument("--out", default=str(ESTIMATE_PATH))
     args = p.parse_args(argv)
     KernelCostModel(estimate_h100(), "estimate").save(args.out)
     print(f"wrote {args.out}")

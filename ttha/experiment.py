@@ -191,6 +191,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         with torch.no_grad():  # prequential: evaluate before any adaptation on this batch
             logits = model(x)
             nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        router.stage()  # its copies to the host complete with the loss read below: one sync a step
         nll = float(nll)
         task_loss = nll / y.numel()
 

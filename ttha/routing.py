@@ -166,6 +166,7 @@ class AdaptiveRouter:
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self._folded = True
         self._usage: torch.Tensor | None = None
+        self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits [E, N], counts [E]) on the host
 
     # ---- costs and features ------------------------------------------------------------------------
     def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
@@ -219,6 +220,7 @@ class AdaptiveRouter:
         self._logits = {}
         self._counts.zero_()
         self._usage = None
+        self._staged = None
         if not self.adaptive:
             self._bias = None
             return
@@ -263,7 +265,7 @@ class AdaptiveRouter:
     def usage(self) -> torch.Tensor:
         """Share of routed tokens per expert in the current step (all layers), [E] on the CPU."""
         if self._usage is None:  # one device-to-host copy per step, however often it is asked
-            counts = self._counts.double().cpu()
+            counts = (self._staged[1] if self._staged is not None else self._counts).double().cpu()
             total = float(counts.sum())
             self._usage = counts / total if total > 0 else torch.full((self.n_experts,), 1.0 / self.n_experts,
                                                                       dtype=torch.float64)
@@ -287,16 +289,40 @@ class AdaptiveRouter:
         return self._bias.detach().cpu().clone()
 
     # ---- the TTHA loss -----------------------------------------------------------------------------
-    def _recorded_logits(self, transposed: bool = False) -> torch.Tensor:
-        """This step's gate logits of all layers, at most loss_tokens rows (strided), on the CPU:
-        [N, E], or [E, N] contiguous when transposed."""
+    def _subsampled_logits(self) -> torch.Tensor:
+        """This step's gate logits of all layers, at most loss_tokens rows (strided), on the routing device."""
         if not self._logits:
             raise RuntimeError("update_ttha: no gate logits recorded this step (call the model after begin_step)")
-        logits = torch.cat(list(self._logits.values()), dim=0)  # [L*T, E] on the routing device
+        logits = torch.cat(list(self._logits.values()), dim=0)  # [L*T, E]
         if logits.shape[0] > self.loss_tokens:  # strided subsample: every layer and position range kept
             step = logits.shape[0] / self.loss_tokens
             rows = (torch.arange(self.loss_tokens, device=logits.device) * step).long()
             logits = logits.index_select(0, rows)
+        return logits
+
+    def stage(self) -> None:
+        """Queue this step's device-to-host copies (subsampled gate logits, expert counts) without waiting.
+        Call it before the step's own sync (the prequential loss read), which then completes them: neither
+        update_ttha nor usage() adds a GPU sync. Measured on the H100 with a stressor in another process,
+        the update's extra sync cost ~15 ms a step (each sync waits for a GPU time slice)."""
+        if not self._logits:
+            return
+        logits, counts = self._subsampled_logits().t().contiguous(), self._counts
+        if logits.is_cuda:
+            host = (torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True),
+                    torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True))
+            host[0].copy_(logits, non_blocking=True)
+            host[1].copy_(counts, non_blocking=True)
+            self._staged = host
+        else:
+            self._staged = (logits, counts.clone())
+
+    def _recorded_logits(self, transposed: bool = False) -> torch.Tensor:
+        """The subsampled gate logits on the CPU: [N, E], or [E, N] contiguous when transposed
+        (the staged copy when stage() ran this step)."""
+        if self._staged is not None:
+            return self._staged[0] if transposed else self._staged[0].t()
+        logits = self._subsampled_logits()
         return (logits.t().contiguous() if transposed else logits).cpu()
 
     def _term_weights(self, sample, latency_ms: float) -> torch.Tensor:
