@@ -319,7 +319,16 @@ def install_signal_handlers() -> bool:
 
 # ----------------------------------------------------------------------------- measuring a scenario
 
-def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: float = 3.0) -> list[dict]:
+def _cool_down(monitor, idle_w: float, max_s: float) -> None:
+    """Wait (up to max_s) until power is back within 15 % of the first idle reading: the last scenario's
+    heat would otherwise count as idle for the next (seen on the H100 with 3 s between scenarios)."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline and monitor.latest().power_w > 1.15 * idle_w:
+        time.sleep(0.2)
+
+
+def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: float = 3.0,
+            cool_down_s: float = 20.0) -> list[dict]:
     """What each scenario adds: mean power and max temperature over `seconds` of the stressor alone, against
     the idle reading just before it (nvml on a GPU, the simulator elsewhere)."""
     import torch
@@ -333,7 +342,10 @@ def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: floa
     monitor = telemetry.build_monitor(OmegaConf.merge(base, {"source": "auto"}), dev)
     results = []
     with monitor:
+        time.sleep(0.3)
+        first_idle_w = monitor.latest().power_w
         for kind in kinds:
+            _cool_down(monitor, first_idle_w, cool_down_s)
             cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "stress" / f"{kind}.yaml")
             if kind == "thermal_ramp":
                 cfg.ramp_s = seconds
@@ -365,11 +377,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description="Measure the power and temperature each stress scenario adds.")
     ap.add_argument("--measure", nargs="+", default=["matmul", "bursty", "thermal_ramp"], choices=KINDS[1:])
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--cool-down", type=float, default=20.0, help="max seconds to wait for idle power between")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    rows = measure(args.measure, args.seconds, args.device)
+    rows = measure(args.measure, args.seconds, args.device, cool_down_s=args.cool_down)
     print(f"{'kind':<14}{'telemetry':>10}{'idle W':>8}{'mean W':>8}{'+W':>7}{'max W':>7}{'idle C':>8}{'max C':>7}{'+C':>6}")
     for r in rows:
         print(f"{r['kind']:<14}{r['telemetry']:>10}{r['idle_w']:8.0f}{r['mean_power_w']:8.0f}{r['added_power_w']:7.0f}"
