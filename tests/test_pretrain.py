@@ -66,3 +66,17 @@ def test_quantized_experts_cost_quality_in_proportion_to_bits(tmp_path):
         expert = model_mod.make_expert(dense, bits, 32)
         err[bits] = float((expert(x) - ref).norm() / ref.norm())
     assert 0 < err[8] < err[4] < err[2] < 1.0, err
+
+
+def test_corpus_is_cached_by_its_config(tmp_path):
+    (tmp_path / "texts" / "a").mkdir(parents=True)
+    (tmp_path / "texts" / "b").mkdir()
+    (tmp_path / "texts" / "a" / "x.txt").write_text("alpha " * 300)
+    (tmp_path / "texts" / "b" / "y.txt").write_text("beta " * 300)
+    cfg = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}")
+    first = pretrain.load_corpus(cfg)
+    (cached,) = (tmp_path / "cache").glob("corpus-*.pt")
+    again = pretrain.load_corpus(cfg)
+    assert torch.equal(first.train, again.train) and first.test_files == again.test_files
+    other = pretrain.load_corpus(_cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}", "data.seed=5"))
+    assert len(list((tmp_path / "cache").glob("corpus-*.pt"))) == 2 and other.train.numel() > 0

@@ -296,7 +296,7 @@ def run(cfg: DictConfig) -> list[float]:
     stress.install_signal_handlers()
     monitor = telemetry.build_monitor(cfg.telemetry, device)  # telemetry=nvml without a GPU fails here
     cost_model = costs.KernelCostModel.load(cfg.get("cost_model"))
-    corpus = data.load_corpus(cfg.data)
+    corpus = pretrain.load_corpus(cfg)
 
     tracker = tracking.tracker_from_config(cfg.tracking, here)
     tags = {"telemetry.source": monitor.source, "device": str(device), "kernels.backend": backend,
@@ -312,7 +312,7 @@ def run(cfg: DictConfig) -> list[float]:
         stack.enter_context(monitor)
         stressor = stack.enter_context(stress.build_stressor(cfg.stress, device, monitor))
 
-        model, info = pretrain.load_or_train(cfg, device)
+        model, info = pretrain.load_or_train(cfg, device, corpus)
         tracker.log_summary({"pretrain/test_perplexity": info["test_perplexity"],
                              "pretrain/unigram_perplexity": info["unigram_perplexity"],
                              "pretrain/cached": float(info["cached"]), "pretrain/seconds": info["seconds"]})
