@@ -16,7 +16,6 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
 
 from hydra_plugins.ttha_sweeper import _space
 from hydra_plugins.ttha_sweeper._errors import SweepConfigError

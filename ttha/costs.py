@@ -28,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ttha.paths import launch_dir
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -53,18 +55,6 @@ def expert_op(bits: int) -> str:
 def gpu_file_name(gpu_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3.json' (the profiler writes under this name)."""
     return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") + ".json"
-
-
-def _launch_dir() -> Path:
-    """Where the user launched from (Hydra may change the cwd of a job)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.cwd)
-    except ImportError:
-        pass
-    return Path.cwd()
 
 
 def _current_gpu_name() -> str | None:
@@ -164,7 +154,7 @@ class KernelCostModel:
             model = cls.from_file(path, "file")
         else:
             gpu = _current_gpu_name()
-            measured = _launch_dir() / "outputs" / "cost_models" / gpu_file_name(gpu) if gpu else None
+            measured = launch_dir() / "outputs" / "cost_models" / gpu_file_name(gpu) if gpu else None
             if measured is not None and measured.is_file():
                 model = cls.from_file(measured, "gpu")
             else:

@@ -10,7 +10,6 @@ import contextlib
 import csv
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -23,36 +22,11 @@ from tqdm import tqdm
 
 from ttha import config as config_mod
 from ttha import costs, data, model as model_mod, plots, pretrain, routing, stress, telemetry, tracking, ttt
+from ttha.paths import launch_dir, output_dir
 
 log = logging.getLogger(__name__)
 
 TTT_CODE = {"skip": 0, "light": 1, "full": 2}
-
-
-def launch_dir() -> Path:
-    """The directory train.py was launched from (Hydra changes the cwd of each job)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.cwd)
-    except ImportError:
-        pass
-    return Path(os.getcwd())
-
-
-def output_dir() -> Path:
-    """This job's own output directory (Hydra's), else outputs/runs/<time> under the launch dir."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir)
-    except ImportError:
-        pass
-    path = launch_dir() / "outputs" / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ttha import data
 from ttha.model import MoELM
+from ttha.paths import launch_dir
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,8 +59,6 @@ def pretrain_seed(cfg) -> int:
 def cache_dir(cfg) -> Path:
     if cfg.pretrain.get("cache_dir"):
         return Path(str(cfg.pretrain.cache_dir))
-    from ttha.experiment import launch_dir
-
     return launch_dir() / "outputs" / "cache"
 
 

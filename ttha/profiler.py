@@ -38,6 +38,7 @@ from torch import nn
 
 from ttha import costs
 from ttha.config import ConfigError
+from ttha.paths import launch_dir
 from ttha.quant import dequantize
 
 log = logging.getLogger(__name__)
@@ -654,17 +655,6 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _launch_dir() -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.cwd)
-    except ImportError:
-        pass
-    return Path.cwd()
-
-
 def _ttt_model(cfg: Any, shape: dict) -> Any:
     """The model config the TTT ops build: shape.ttt_model names one of cfg.models (conf/model/*.yaml,
     composed by the defaults list), or is a model config itself; null = no TTT ops."""
@@ -687,7 +677,7 @@ def load_base(value: Any, device: torch.device) -> "costs.KernelCostModel | None
         return None
     path = Path(str(value)).expanduser()
     try:
-        base = costs.KernelCostModel.from_file(path if path.is_absolute() else _launch_dir() / path, "base")
+        base = costs.KernelCostModel.from_file(path if path.is_absolute() else launch_dir() / path, "base")
     except ValueError as err:
         raise ConfigError("base", str(value), str(err)) from None
     if base.gpu != device_name(device):
@@ -760,7 +750,7 @@ def run(cfg: Any) -> tuple[Path, dict]:
         carry_over(data, base)
     costs.KernelCostModel(data, "profile")  # schema check before anything is written
 
-    launch = _launch_dir()
+    launch = launch_dir()
     out = _get(cfg, "out")
     path = Path(out) if out else launch / "outputs" / "cost_models" / costs.gpu_file_name(data["gpu"])
     path = path if path.is_absolute() else launch / path
