@@ -89,7 +89,8 @@ def test_ttha_router_moves_tokens_to_cheap_experts_and_lowers_sim_power(tmp_path
         cfg = make_cfg(tmp_path, cache_dir, f"router={router}", "targets.power_w=100", "ttt=never",
                        f"cost_model={ESTIMATE_PATH}",  # roofline costs: the quantized experts are cheap
                        "workload=paced", "workload.tokens_per_s=3000", "tracking.plots=false",
-                       "test.n_batches=80", "test.warmup_batches=4")
+                       "telemetry.sim.serve_s=0.06",  # 16-bit serving = 70 % of each 85 ms arrival interval
+                       "test.n_batches=80")
         experiment.run(cfg)
     client, found = runs(tmp_path)
     for run in found:

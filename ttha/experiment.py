@@ -81,10 +81,10 @@ class SimWork:
     """What the run tells the simulated GPU: its power as a fraction of the idle..cap range.
 
     The CPU stands in for the GPU's time, the cost model for what the GPU would run in it:
-    - serving busy time = a 16-bit reference time x (latency of the routed expert mix / latency of 16-bit
-      experts, from the cost model). The reference is calibrated on the warm-up batches (measured serving
-      time / the warm-up mix's latency ratio) and then fixed, because on a CPU the torch reference of a
-      quantized expert is slower than a 16-bit one, the opposite of the GPU;
+    - serving busy time = the measured serving time (or a fixed sim.serve_s, for a simulation that does
+      not depend on a busy CPU's timing) x (latency of the routed expert mix / latency of 16-bit experts,
+      from the cost model). On a CPU a quantized expert computes with its dequantized
+      weights, so the measured time does not depend on the mix and the cost model alone tells them apart;
     - TTT busy time = the measured TTT time;
     - power while busy = sim.busy_w (16-bit expert GEMVs on the H100 trace draw ~540 W) x the mix's
       energy per second relative to 16-bit experts (memory-bound kernels draw about the same power);
@@ -103,19 +103,17 @@ class SimWork:
         g = lambda key, default: float(sim_cfg.get(key, default))  # noqa: E731
         idle, cap = g("idle_w", 78.0), g("cap_w", 700.0)
         self.busy_rel = (g("busy_w", 550.0) - idle) / (cap - idle)
-        self._calibration: list[float] = []  # 16-bit reference serving times seen while calibrating
+        fixed = sim_cfg.get("serve_s")
+        self.fixed_serve_s = None if fixed is None else float(fixed)
 
     @property
     def n_experts(self) -> int:
         return len(self.latency_rel)
 
-    def relative_power(self, usage: np.ndarray, serve_s: float, ttt_s: float, interval_s: float,
-                       calibrate: bool = False) -> float:
+    def relative_power(self, usage: np.ndarray, serve_s: float, ttt_s: float, interval_s: float) -> float:
         """Mean relative power over one batch: busy serving + busy TTT, idle for the rest of the interval."""
         time_rel = max(float(usage @ self.latency_rel), 1e-9)
-        if calibrate or not self._calibration:
-            self._calibration.append(serve_s / time_rel)
-        serve_busy = min(self._calibration) * time_rel
+        serve_busy = (serve_s if self.fixed_serve_s is None else self.fixed_serve_s) * time_rel
         busy = serve_busy + ttt_s
         intensity = float(usage @ self.energy_rel) / time_rel
         return self.busy_rel * (serve_busy * intensity + ttt_s) / max(busy, interval_s, 1e-9)
@@ -186,8 +184,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
 
         usage = _usage_array(router, n_experts)
-        monitor.report_work(sim_work.relative_power(usage, t_served - t_start, t_ttt_end - t_ttt, pacer.interval,
-                                                    calibrate=step < 0))
+        monitor.report_work(sim_work.relative_power(usage, t_served - t_start, t_ttt_end - t_ttt, pacer.interval))
 
         if step < 0:
             continue
