@@ -52,10 +52,16 @@ def _concat(files: list[Path], cap: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
 
 
+def corpus_root(cfg) -> Path:
+    """data.corpus_dir, or this Python's standard library when it is null."""
+    custom = cfg.get("corpus_dir")
+    return Path(str(custom)).expanduser() if custom else Path(sysconfig.get_paths()["stdlib"])
+
+
 def load_corpus(cfg) -> Corpus:
     """Split the corpus by top-level module (deterministic by cfg.seed)."""
     custom = cfg.get("corpus_dir")
-    root = Path(str(custom)).expanduser() if custom else Path(sysconfig.get_paths()["stdlib"])
+    root = corpus_root(cfg)
     # A custom folder takes every file (any text); the stdlib, only the configured extensions.
     files = _files(root, None if custom else list(cfg.get("extensions") or [".py"]))
     if not files:

@@ -1,4 +1,4 @@
-"""16-bit pretraining of the MoE LM, cached by a hash of (model, data, pretrain, seed) config.
+"""16-bit pretraining of the MoE LM, cached by a hash of its (model, data, pretrain) config.
 
 Sweep trials share one checkpoint: the first trains and writes it atomically (tmp + rename),
 the others load it.
@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -109,21 +108,25 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
     return model, loss_ema
 
 
+def _save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: parallel trials never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def load_corpus(cfg) -> data.Corpus:
     """The corpus of cfg.data, cached next to the checkpoints: reading the stdlib's ~1700 files takes
     ~2 s, the cached tensors milliseconds (every sweep trial reads it)."""
-    source = cfg.data.get("corpus_dir") or sysconfig.get_paths()["stdlib"]
-    payload = {"data": OmegaConf.to_container(cfg.data, resolve=True), "root": str(source),
+    payload = {"data": OmegaConf.to_container(cfg.data, resolve=True), "root": str(data.corpus_root(cfg.data)),
                "python": sys.version}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(cfg) / f"corpus-{key}.pt"
     if path.exists():
         return data.Corpus(**torch.load(path, weights_only=False))
     corpus = data.load_corpus(cfg.data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(vars(corpus), tmp)
-    os.replace(tmp, path)
+    _save_atomic(vars(corpus), path)
     return corpus
 
 
@@ -148,10 +151,7 @@ def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) 
                                            device)
         info["unigram_perplexity"] = data.unigram_perplexity(corpus.test)
         model = model.cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model": model.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
+        _save_atomic({"model": model.state_dict(), "info": info}, path)
         info = dict(info, cached=False)
         log.info("pretrained model cached at %s (test ppl %.2f, byte-unigram ppl %.2f)", path,
                  info["test_perplexity"], info["unigram_perplexity"])

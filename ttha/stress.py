@@ -319,6 +319,8 @@ def install_signal_handlers() -> bool:
 
 # ----------------------------------------------------------------------------- measuring a scenario
 
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the scenarios' and the simulator's own configs
+
 def _cool_down(monitor, idle_w: float, max_s: float) -> None:
     """Wait (up to max_s) until power is back within 15 % of the first idle reading: the last scenario's
     heat would otherwise count as idle for the next (seen on the H100 with 3 s between scenarios)."""
@@ -338,7 +340,7 @@ def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: floa
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    base = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "telemetry" / "sim.yaml")
+    base = OmegaConf.load(CONF / "telemetry" / "sim.yaml")
     monitor = telemetry.build_monitor(OmegaConf.merge(base, {"source": "auto"}), dev)
     results = []
     with monitor:
@@ -346,7 +348,7 @@ def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: floa
         first_idle_w = monitor.latest().power_w
         for kind in kinds:
             _cool_down(monitor, first_idle_w, cool_down_s)
-            cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "stress" / f"{kind}.yaml")
+            cfg = OmegaConf.load(CONF / "stress" / f"{kind}.yaml")
             if kind == "thermal_ramp":
                 cfg.ramp_s = seconds
             window = {}
