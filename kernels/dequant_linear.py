@@ -6,16 +6,16 @@ Weight format (ttha.quant): codes packed along K in int32 words, code j of a wor
 Three regimes, picked from M (rows of x):
 
 - M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
-  weight once at full bandwidth. No layout shuffles: a [BN, BKW] tile of words is split into its PW
-  "planes" (code j of every word, a shift and a mask), each plane dequantized with one FMA and
-  multiplied with the matching strided columns of x (x is tiny and stays in L1). Small M reduces on
-  the FMA units; the autotuner may also pick the tensor-core variant. Split-K (a third grid axis,
-  partial sums reduced by a second small kernel) keeps every SM streaming when N / BN is small.
+  weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
+  (tl.join; one (scale, min) per word) and multiplied with a contiguous [BM, BK] slice of x, on the FMA
+  units for few rows or on tensor cores; the autotuner also tries the older "planes" variant (no
+  unpacking; strided x). Split-K (a third grid axis, partial sums reduced by a second small kernel)
+  keeps every SM streaming when N / BN is small.
 - SMALL_M < M < LARGE_M: the same kernel on tensor cores, larger tiles (`path="fused"` forces it).
-- M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the planes are
-  re-interleaved in registers with tl.join), then cuBLAS multiplies (`path="dequant"` forces it).
-  Dequantizing costs one pass over N x K (~7 % of the GEMM at M = 4096 on the H100): two launches,
-  but 0.9x of cuBLAS bf16 where a Triton GEMM that dequantizes in its main loop ran far behind.
+- M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the same K-order
+  unpacking), then cuBLAS multiplies (`path="dequant"` forces it). Dequantizing costs one pass over
+  N x K (~7 % of the GEMM at M = 4096 on the H100): two launches, but 0.9x of cuBLAS bf16 where a
+  Triton GEMM that dequantizes in its main loop ran far behind.
 
 Codes become floats with the 2**23 mantissa trick (an OR and a subtract instead of an int->float
 convert). The torch reference is `dequant_linear_ref`.
@@ -75,42 +75,52 @@ if HAS_TRITON:
         return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _unpack(words, BITS: tl.constexpr):
-        """[R, W] int32 words -> [R, W * 32 // BITS] codes in K order. Each tl.join halves the code width
-        and adds a minor dimension of 2 held by the same thread, so the final reshape moves no data."""
+    def _dequant_words(words, sc, mn, BITS: tl.constexpr):
+        """[R, W] int32 words and (scale, min) per word [R, W] or per row [R, 1] -> [R, W * 32 // BITS] fp32 in K
+        order. Each tl.join halves the code width and adds a minor dimension of 2 held by the same thread,
+        so the scale broadcasts over those dimensions and the final reshape moves no data. (Scales gathered
+        per value instead cost 6-25x on the H100: the loads, not the arithmetic, were the bottleneck.)"""
         c = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)  # codes 0..PW/2-1 | PW/2..PW-1
         c = tl.join(c & 0xFF, c >> 8)
         c = tl.join(c & 0xF, c >> 4)
         if BITS == 2:
             c = tl.join(c & 0x3, c >> 2)
-        return tl.reshape(c, (words.shape[0], words.shape[1] * (32 // BITS)))
+            w = _codes_to_float(c) * sc[:, :, None, None, None, None] + mn[:, :, None, None, None, None]
+        else:
+            w = _codes_to_float(c) * sc[:, :, None, None, None] + mn[:, :, None, None, None]
+        return tl.reshape(w, (words.shape[0], words.shape[1] * (32 // BITS)))
 
     @triton.jit
     def _dq_mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET, stride_xm,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
-                      USE_DOT: tl.constexpr):
+                      USE_DOT: tl.constexpr, PLANES: tl.constexpr = False):
         """y = x @ dequant(w).T (+ bias) [M, N] (contiguous); with SPLIT_K > 1 each K range writes fp32
         partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y.
 
-        FMA path (USE_DOT=False): per tile of [BN, BKW] words, plane j (code j of every word = columns
-        kw * PW + j) is dequantized and multiplied with those (strided, L1-resident) columns of x into a
-        [BM, BN, BKW] accumulator; one reduction at the very end, none in the loop.
-        Tensor-core path: the words are unpacked to a [BN, BKW * PW] tile in K order (tl.join), with one
-        (scale, min) per row (BKW * PW <= GROUP, tiles aligned to groups), and x is read contiguously."""
+        Per tile of [BN, BKW] words: one (scale, min) per row when the tile lies in one group, else per
+        word (on the H100 per-word loads ran M = 16 at 0.48x of bf16, per-row at 1.23x); the words
+        unpacked in K order to [BN, BK] (_dequant_words) and x read contiguously [BM, BK]. Tensor cores
+        (USE_DOT) or, for few rows, the FMA units into a [BM, BN, BK] accumulator reduced once after the
+        loop (none inside it). PLANES
+        (FMA only): no unpacking shuffles; plane j of the words meets the strided columns kw * PW + j of
+        x (L1-resident), into a [BM, BN, BKW] accumulator. The autotuner picks between the two."""
         PW: tl.constexpr = 32 // BITS  # codes per int32 word
-        MASK: tl.constexpr = (1 << BITS) - 1
         BK: tl.constexpr = BKW * PW
+        # Tiles start at multiples of BK (split ranges are whole tiles) and BK, GROUP are powers of two.
+        ROW_SCALE: tl.constexpr = BK <= GROUP
         KW = K // PW
         NG = K // GROUP
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rw = tl.arange(0, BKW)
+        rk = tl.arange(0, BK)
         m_ok, n_ok = rm < M, rn < N
         rn64 = rn.to(tl.int64)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
         w_rows = w_ptr + rn64[:, None] * KW
+        s_rows = rn64[:, None] * NG
 
         # This split's word range, whole BKW tiles.
         per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BKW) * BKW
@@ -119,36 +129,41 @@ if HAS_TRITON:
 
         if USE_DOT:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            rk = tl.arange(0, BK)
-            for kw0 in range(kw_lo, kw_hi, BKW):
-                kw = kw0 + rw
-                words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None] & (kw < kw_hi)[None, :], other=0)
-                soff = rn64 * NG + (kw0 * PW) // GROUP  # the tile lies in one group
-                sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-                mn = tl.load(m_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-                w = _codes_to_float(_unpack(words, BITS)) * sc[:, None] + mn[:, None]  # [BN, BK]
-                kk = kw0 * PW + rk
-                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
-                if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                    acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
-        else:
+        elif PLANES:
             acc3 = tl.zeros((BM, BN, BKW), dtype=tl.float32)
-            for kw0 in range(kw_lo, kw_hi, BKW):
-                kw = kw0 + rw
-                k_ok = kw < kw_hi
-                wmask = n_ok[:, None] & k_ok[None, :]
-                words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
-                # A word never straddles groups (GROUP is a multiple of PW): one (scale, min) per word.
-                soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
-                sc = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
-                mn = tl.load(m_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+        else:
+            acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        for kw0 in range(kw_lo, kw_hi, BKW):
+            kw = kw0 + rw
+            k_ok = kw < kw_hi
+            wmask = n_ok[:, None] & k_ok[None, :]
+            words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
+            if ROW_SCALE:  # the tile lies in one group: one (scale, min) per row, [BN, 1]
+                soff = s_rows + (kw0 * PW) // GROUP
+                smask = n_ok[:, None]
+            else:  # one per word (a word never straddles groups), [BN, BKW]
+                soff = s_rows + ((kw * PW) // GROUP)[None, :]
+                smask = wmask
+            sc = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            if PLANES:  # plane j = code j of every word, times the strided columns kw * PW + j of x
                 xmask = m_ok[:, None] & k_ok[None, :]
                 for j in tl.static_range(PW):
-                    w = _codes_to_float((words >> (j * BITS)) & MASK) * sc + mn  # [BN, BKW]
+                    wj = _codes_to_float((words >> (j * BITS)) & ((1 << BITS) - 1)) * sc + mn  # [BN, BKW]
                     xj = tl.load(x_rows + (kw * PW + j)[None, :], mask=xmask, other=0.0).to(tl.float32)
-                    acc3 += xj[:, None, :] * w[None, :, :]
+                    acc3 += xj[:, None, :] * wj[None, :, :]
+            else:
+                w = _dequant_words(words, sc, mn, BITS)  # [BN, BK]
+                kk = kw0 * PW + rk
+                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
+                if USE_DOT:
+                    if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                        acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+                else:
+                    acc3 += xk.to(tl.float32)[:, None, :] * w[None, :, :]
+        if not USE_DOT:
             acc = tl.sum(acc3, axis=2)
 
         if HAS_BIAS:
@@ -174,8 +189,8 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
-        """out [N, K] = dequant(w) in out's dtype: words unpacked in K order (tl.join), so every thread
-        writes its word's PW values contiguously."""
+        """out [N, K] = dequant(w) in out's dtype: words unpacked in K order (_dequant_words), so every
+        thread writes its word's PW values contiguously."""
         PW: tl.constexpr = 32 // BITS
         KW = K // PW
         NG = K // GROUP
@@ -183,48 +198,52 @@ if HAS_TRITON:
         kw = tl.program_id(1) * BKW + tl.arange(0, BKW)
         rk = tl.program_id(1) * BKW * PW + tl.arange(0, BKW * PW)
         rn64 = rn.to(tl.int64)
-        words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=(rn < N)[:, None] & (kw < KW)[None, :],
-                        other=0)
+        wmask = (rn < N)[:, None] & (kw < KW)[None, :]
+        words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=wmask, other=0)
+        soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
+        sc = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+        w = _dequant_words(words, sc, mn, BITS)
         mask = (rn < N)[:, None] & (rk < K)[None, :]
-        soff = rn64[:, None] * NG + (rk // GROUP)[None, :]  # repeated addresses: served by L1
-        sc = tl.load(s_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-        w = _codes_to_float(_unpack(words, BITS)) * sc + mn
         tl.store(out_ptr + rn64[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def _cfg(bm, bn, bkw, split, dot, warps, stages=3):
-        return triton.Config({"BM": bm, "BN": bn, "BKW": bkw, "SPLIT_K": split, "USE_DOT": dot},
-                             num_warps=warps, num_stages=stages)
+    def _cfg(bm, bn, bkw, split, dot, warps, stages=3, planes=False):
+        meta = {"BM": bm, "BN": bn, "BKW": bkw, "SPLIT_K": split, "USE_DOT": dot, "PLANES": planes}
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
 
     # Decode: BM is the M bucket (1, 2, 4, 8, 16) on the FMA path, 16 on the tensor-core path.
-    # On the tensor-core path BKW is set to one group per tile (_tile_bkw), whatever the config says.
     DECODE_CONFIGS = [
         *(_cfg(bm, bn, bkw, split, False, warps)
           for bm in (1, 2, 4, 8, 16)
-          for bn, bkw, split, warps in ((16, 64, 1, 4), (32, 64, 1, 4), (16, 128, 4, 4), (32, 128, 2, 8),
-                                        (8, 128, 8, 4))),
-        *(_cfg(16, bn, 0, split, True, warps, stages)
-          for bn, split, warps, stages in ((32, 1, 4, 3), (64, 1, 4, 3), (64, 4, 4, 4), (128, 1, 8, 3))),
+          for bn, bkw, split, warps in ((16, 16, 1, 4), (32, 16, 1, 4), (16, 32, 1, 4), (16, 32, 4, 4),
+                                        (32, 32, 2, 8), (8, 32, 8, 4))),
+        *(_cfg(bm, bn, bkw, split, False, warps, planes=True)  # the 2026-11-23 decode path (0.8-1.2x bf16)
+          for bm in (1, 2, 4)
+          for bn, bkw, split, warps in ((16, 64, 1, 4), (32, 64, 1, 4), (16, 128, 4, 4), (8, 128, 8, 4))),
+        *(_cfg(16, bn, bkw, split, True, warps, stages)
+          for bn, bkw, split, warps, stages in ((32, 16, 1, 4, 3), (64, 16, 1, 4, 3), (64, 8, 4, 4, 4),
+                                                (128, 16, 1, 8, 3))),
     ]
     MID_CONFIGS = [
-        _cfg(bm, bn, 0, 1, True, warps, stages)
-        for bm, bn, warps, stages in ((64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 64, 8, 3),
-                                      (32, 128, 4, 4))
+        _cfg(bm, bn, bkw, 1, True, warps, stages)
+        for bm, bn, bkw, warps, stages in ((64, 64, 16, 4, 3), (64, 128, 16, 8, 3), (128, 128, 8, 8, 3),
+                                           (128, 64, 16, 8, 3), (32, 128, 16, 4, 4))
     ]
+    MAX_DOT_BK = 256  # codes per K tile on tensor cores (BKW x 32 / BITS), to bound the unpacked tile
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        mb = args["M_BUCKET"]
+        mb, pw = args["M_BUCKET"], 32 // args["BITS"]
         out = []
         for c in configs:
-            kw = dict(c.kwargs)
+            kw = c.kwargs
             if kw["USE_DOT"]:
-                if (mb > SMALL_M) != (kw["BM"] > 16):  # decode tiles for decode, mid tiles above
-                    continue
-                kw["BKW"] = _tile_bkw(args["BITS"], args["GROUP"])
-            elif mb > SMALL_M or kw["BM"] != mb or kw["BM"] * kw["BN"] * kw["BKW"] > 64 * 32 * c.num_warps:
-                continue  # FMA: BM = the M bucket, the [BM, BN, BKW] accumulator within ~64 registers a thread
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+                if (mb > SMALL_M) != (kw["BM"] > 16) or kw["BKW"] * pw > MAX_DOT_BK:
+                    continue  # decode tiles for decode, mid tiles above
+            elif (mb > SMALL_M or kw["BM"] != mb
+                  or kw["BM"] * kw["BN"] * kw["BKW"] * (1 if kw["PLANES"] else pw) > 64 * 32 * c.num_warps):
+                continue  # FMA: BM = the M bucket, the accumulator within ~64 registers a thread
+            out.append(c)
         return out or configs
 
     _dq_mm_tuned = triton.autotune(
@@ -233,11 +252,6 @@ if HAS_TRITON:
         prune_configs_by={"early_config_prune": _prune},
         **autotune_kwargs(),
     )(_dq_mm_kernel)
-
-
-def _tile_bkw(bits: int, group: int) -> int:
-    """Words per K tile on the tensor-core path: one group, so one (scale, min) per row and tile."""
-    return group * bits // 32
 
 
 def _m_bucket(m: int) -> int:
@@ -249,9 +263,7 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     """The matmul kernel (autotuned, or `config`), then the split-K reduction when the config splits."""
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
-        config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 16, "SPLIT_K": 2, "USE_DOT": m > 4}
-    if config is not None and config["USE_DOT"]:
-        config = dict(config, BKW=_tile_bkw(qw.bits, qw.group_size))
+        config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 8, "SPLIT_K": 2, "USE_DOT": m > 4}
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)

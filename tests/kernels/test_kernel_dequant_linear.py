@@ -55,6 +55,7 @@ def test_fp16_leading_dims_and_tile_config():
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("config", [
     {"BM": 1, "BN": 16, "BKW": 32, "SPLIT_K": 1, "USE_DOT": False},  # decode, FMA units
+    {"BM": 2, "BN": 16, "BKW": 16, "SPLIT_K": 2, "USE_DOT": False, "PLANES": True},  # decode, FMA by planes
     {"BM": 4, "BN": 16, "BKW": 16, "SPLIT_K": 4, "USE_DOT": False},  # decode, split-K + reduce kernel
     {"BM": 16, "BN": 32, "BKW": 16, "SPLIT_K": 3, "USE_DOT": True},  # tensor cores, uneven split
     {"BM": 32, "BN": 16, "BKW": 16, "SPLIT_K": 1, "USE_DOT": True},  # mid-M tiles
@@ -135,8 +136,9 @@ def test_autotune_space_fits_each_regime(bits, group, m_bucket):
     assert configs
     for c in configs:
         kw = c.kwargs
-        if kw["USE_DOT"]:  # tensor cores: one group per K tile, decode tiles only for decode
-            assert kw["BKW"] * (32 // bits) == group and (kw["BM"] == 16) == (m_bucket <= dl.SMALL_M)
-        else:  # FMA: rows = the M bucket, accumulator within 64 fp32 registers a thread
+        if kw["USE_DOT"]:  # tensor cores: decode tiles only for decode, a bounded unpacked tile
+            assert (kw["BM"] == 16) == (m_bucket <= dl.SMALL_M) and kw["BKW"] * (32 // bits) <= dl.MAX_DOT_BK
+        else:  # FMA: rows = the M bucket, [BM, BN, BK] accumulator within 64 fp32 registers a thread
             assert kw["BM"] == m_bucket <= dl.SMALL_M
-            assert kw["BM"] * kw["BN"] * kw["BKW"] <= 64 * 32 * c.num_warps
+            acc = kw["BM"] * kw["BN"] * kw["BKW"] * (1 if kw["PLANES"] else 32 // bits)
+            assert acc <= 64 * 32 * c.num_warps
