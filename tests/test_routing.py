@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ttha.costs import ESTIMATE_PATH, KernelCostModel
-from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, TTHAAdapter, topk_route
+from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, TTHAAdapter, limit_host_threads, topk_route
 
 ROOT_CONF = ESTIMATE_PATH.parents[2] / "conf"
 COSTS = KernelCostModel.load(ESTIMATE_PATH)  # roofline: the quantized experts are the cheap ones
@@ -274,3 +274,15 @@ def test_staged_step_updates_and_counts_exactly_like_the_unstaged_one(device):
     for a, b in zip(usage[:n], usage[n:]):
         assert torch.equal(a, b)
     assert torch.allclose(params[0], params[1], rtol=1e-6, atol=1e-7)
+
+
+def test_gpu_runs_do_host_math_on_one_thread_cpu_runs_keep_the_pool():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limit_host_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # the model runs on the CPU: its threads stay
+        limit_host_threads(torch.device("cuda", 0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

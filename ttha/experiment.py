@@ -262,6 +262,7 @@ def run(cfg: DictConfig) -> list[float]:
     config_mod.validate(cfg)
     here, out = launch_dir(), output_dir()
     device = resolve_device(cfg.device)
+    routing.limit_host_threads(device)
     backend = set_kernel_backend(cfg.kernels)
     seed_everything(int(cfg.seed))
     stress.install_signal_handlers()

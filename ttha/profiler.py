@@ -696,7 +696,10 @@ def carry_over(data: dict, base: "costs.KernelCostModel") -> list[str]:
 
 def run(cfg: Any) -> tuple[Path, dict]:
     """Profile per the config (conf/profile.yaml); write the JSON, log the MLflow run; (path, data)."""
+    from ttha.routing import limit_host_threads
+
     device = resolve_device(_get(cfg, "device", "auto"))
+    limit_host_threads(device)  # as in a run: the host-side ops (ttha_update) are timed as served
     batch_sizes = check_batch_sizes(_get(cfg, "batch_sizes"))
     warmup, repeats = int(_get(cfg, "warmup", 10)), int(_get(cfg, "repeats", 50))
     if warmup < 0:

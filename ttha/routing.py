@@ -64,6 +64,15 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+def limit_host_threads(device: torch.device) -> None:
+    """On a GPU run the host's torch work is the router's per-step math on tensors of a few thousand
+    elements: one thread. A pool of one per core only adds wake-ups, and stalls when another process takes
+    cores: on the H100 host with the matmul stressor running, update_ttha took ~18 ms a step with 16
+    threads. CPU runs keep torch's default (the model itself runs there)."""
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+
+
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
     z = logits if bias is None else logits + bias

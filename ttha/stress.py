@@ -87,6 +87,7 @@ def _child_main(schedule: Schedule, backend: str, device: str, size: int, dtype:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the process group: the parent stops us
     if backend == "cuda":
         import torch
+        torch.set_num_threads(1)  # it only launches GPU work: leave the host's cores to the run
         dev = torch.device(device)
         if dev.index is None:  # "cuda" = the current device, 0 in a fresh process
             dev = torch.device("cuda", 0)
