@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the closing notes, on the lent H100 (device tool), in parts that each fit
-# one 10-minute call (run them back to back: parts 3 and 4 share the pretrained model in outputs/cache).
+# one 10-minute call (back to back: part 3 uses part 2's cost model when the machine is still the same).
 # Outputs land in $OUT (or outputs/gpu_report).
-#   1: GPU tests and the kernel benchmark       2: expert cost model re-profiled with these kernels
-#   3: h100_stress with router=static           4: h100_stress with router=ttha, the stressors' own effect
+#   1: GPU tests and the kernel benchmark
+#   2: expert cost model re-profiled with these kernels
+#   3: h100_stress: router static/ttha x ttt always/budget x 3 seeds (pretrains its model first)
+#   4: the stressors' own effect
 # Needs the wheel folder .whl (../shared/device/wheelhouse.sh) carried along.
 set -uo pipefail
 part="${1:?usage: gpu_report.sh 1|2|3|4}"
@@ -18,23 +20,25 @@ case "$part" in
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
   log "kernel bench"
   timeout 300 python3 -m ttha.kernels.bench --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -130 ;;
-2)  # expert cost model with these kernels; the other ops carried over from the shipped file (~4 min)
-  timeout 500 python3 profile_kernels.py \
+2)  # expert cost model with these kernels; the other ops carried over from the shipped file (~2 min)
+  timeout 400 python3 profile_kernels.py \
     "ops=[expert_16bit,expert_fp8,expert_int4,expert_int2,expert_int4_torch,expert_int2_torch]" \
     base=ttha/resources/cost_model_h100.json energy.window_s=0.5 repeats=30 tracking.enabled=false \
     2>&1 | grep -v "it/s\]" | tail -60
   cp outputs/cost_models/*.json outputs/cost_models/*.png "$OUT/" 2>/dev/null ;;
-3|4)  # the h100_stress comparison, static (3: pretrains the small model first, ~2 min) or ttha (4)
-  router=$([ "$part" = 3 ] && echo static || echo ttha)
-  timeout 520 python3 train.py -m experiment=h100_stress router=$router ttt=always,budget seed=0,1,2 \
-    test.n_batches=300 2>&1 | grep -vE "it/s\]|batch/s\]|step/s\]" > "$OUT/stress_runs_$router.log"
-  grep -E "TTHA run|eval/|overhead/" "$OUT/stress_runs_$router.log" | tail -40
+3)  # the h100_stress comparison after pretraining its model (~1.5 min); seed outermost, so a timeout
+    # loses the fewest whole seeds (~6 min)
+  log "pretrain"
+  timeout 180 python3 train.py experiment=h100_stress stress=none test.n_batches=5 tracking.experiment=h100_pretrain \
+    2>&1 | grep -E "pretrain|perplexity" | tail -3
+  log "comparison"
+  timeout 420 python3 train.py -m experiment=h100_stress seed=0,1,2 router=static,ttha ttt=always,budget \
+    2>&1 | grep -vE "it/s\]|batch/s\]|step/s\]" > "$OUT/stress_runs.log"
+  grep -E "TTHA run|eval/|overhead/" "$OUT/stress_runs.log" | tail -12
   python3 -m ttha.report --experiment h100_stress --csv "$OUT/h100_stress.csv" | tee "$OUT/h100_stress.md"
   python3 -m ttha.report --experiment h100_stress \
-    --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac | tee "$OUT/overhead.md"
-  if [ "$part" = 4 ]; then
-    log "stressor effect"
-    timeout 150 python3 -m ttha.stress --measure matmul bursty thermal_ramp --seconds 10 --json "$OUT/stress.json"
-  fi ;;
+    --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac | tee "$OUT/overhead.md" ;;
+4)  # what each stressor adds on its own (~1.5 min)
+  timeout 150 python3 -m ttha.stress --measure matmul bursty thermal_ramp --seconds 10 --json "$OUT/stress.json" ;;
 *) echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
