@@ -102,9 +102,9 @@ if HAS_TRITON:
         word (on the H100 per-word loads ran M = 16 at 0.48x of bf16, per-row at 1.23x); the words
         unpacked in K order to [BN, BK] (_dequant_words) and x read contiguously [BM, BK]. Tensor cores
         (USE_DOT) or, for few rows, the FMA units into a [BM, BN, BK] accumulator reduced once after the
-        loop (none inside it). PLANES
-        (FMA only): no unpacking shuffles; plane j of the words meets the strided columns kw * PW + j of
-        x (L1-resident), into a [BM, BN, BKW] accumulator. The autotuner picks between the two."""
+        loop (none inside it). PLANES (FMA only): no unpacking shuffles; plane j of the words meets the
+        strided columns kw * PW + j of x (L1-resident), into a [BM, BN, BKW] accumulator. The autotuner
+        picks among all of these."""
         PW: tl.constexpr = 32 // BITS  # codes per int32 word
         BK: tl.constexpr = BKW * PW
         # Tiles start at multiples of BK (split ranges are whole tiles) and BK, GROUP are powers of two.
