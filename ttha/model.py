@@ -131,8 +131,10 @@ class FP8Expert(nn.Module):
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
             y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
             return y[:m].to(x.dtype)
-        wf = _cpu_cached(self, name, torch.float32, lambda: w.float() * sw.reshape(-1, 1)) if x.device.type == "cpu" \
-            else w.float() * sw.reshape(-1, 1)
+        def dequantized() -> torch.Tensor:
+            return w.float() * sw.reshape(-1, 1)
+
+        wf = _cpu_cached(self, name, torch.float32, dequantized) if x.device.type == "cpu" else dequantized()
         return ((xq.float() * sx) @ wf.t()).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

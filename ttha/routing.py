@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ttha.costs import KernelCostModel, expert_op
+from ttha.model import softmax_topk
 
 try:  # the Triton top-k kernel lands from the kernels helper; the torch path is always there
     from ttha import kernels as _kernels
@@ -75,10 +76,7 @@ def limit_host_threads(device: torch.device) -> None:
 
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
-    z = logits if bias is None else logits + bias
-    probs = torch.softmax(z.float(), dim=-1)
-    weights, indices = probs.topk(k, dim=-1)
-    return weights / weights.sum(-1, keepdim=True), indices
+    return softmax_topk(logits if bias is None else logits + bias, k)
 
 
 class TTHAAdapter(nn.Module):
@@ -311,8 +309,9 @@ class AdaptiveRouter:
     def stage(self) -> None:
         """Queue this step's device-to-host copies (subsampled gate logits, expert counts) without waiting.
         Call it before the step's own sync (the prequential loss read), which then completes them: neither
-        update_ttha nor usage() adds a GPU sync. Measured on the H100 with a stressor in another process,
-        the update's extra sync cost ~15 ms a step (each sync waits for a GPU time slice)."""
+        update_ttha nor usage() adds a GPU sync, nor waits for the TTT step queued after the loss read.
+        (The ~15 ms a step the update once cost on the H100 with the stressor running was mostly torch's
+        host thread pool: see limit_host_threads.)"""
         if not self._logits:
             return
         logits, counts = self._subsampled_logits().t().contiguous(), self._counts
