@@ -133,7 +133,6 @@ def load_corpus(cfg) -> data.Corpus:
 def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) -> tuple[MoELM, dict]:
     """The pretrained 16-bit model on `device` in the serving dtype, and what is known about it."""
     t0 = time.perf_counter()
-    corpus = corpus if corpus is not None else load_corpus(cfg)
     path = cache_dir(cfg) / f"moe-{cache_key(cfg)}.pt"
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -142,14 +141,13 @@ def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) 
         info = dict(state["info"], cached=True)
         log.info("pretrained model loaded from cache %s", path)
     else:
+        corpus = corpus if corpus is not None else load_corpus(cfg)  # only training reads it
         model, final_loss = train(cfg, corpus, device)
-        model = model.cpu()
-        info = {"final_loss": final_loss}
         b = min(int(cfg.pretrain.batch_size), 16)
         s = int(cfg.pretrain.seq_len)
-        info["test_perplexity"] = evaluate(model.to(device), corpus.test, b, s, int(cfg.pretrain.eval_batches),
-                                           device)
-        info["unigram_perplexity"] = data.unigram_perplexity(corpus.test)
+        info = {"final_loss": final_loss,
+                "test_perplexity": evaluate(model, corpus.test, b, s, int(cfg.pretrain.eval_batches), device),
+                "unigram_perplexity": data.unigram_perplexity(corpus.test)}
         model = model.cpu()
         _save_atomic({"model": model.state_dict(), "info": info}, path)
         info = dict(info, cached=False)
