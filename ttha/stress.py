@@ -322,6 +322,7 @@ def install_signal_handlers() -> bool:
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the scenarios' and the simulator's own configs
 
+
 def _cool_down(monitor, idle_w: float, max_s: float) -> None:
     """Wait (up to max_s) until power is back within 15 % of the first idle reading: the last scenario's
     heat would otherwise count as idle for the next (seen on the H100 with 3 s between scenarios)."""
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     rows = measure(args.measure, args.seconds, args.device, cool_down_s=args.cool_down)
-    print(f"{'kind':<14}{'telemetry':>10}{'idle W':>8}{'mean W':>8}{'+W':>7}{'max W':>7}{'idle C':>8}{'max C':>7}{'+C':>6}")
+    print(f"{'kind':<14}{'telemetry':>10}{'idle W':>8}{'mean W':>8}{'+W':>7}{'max W':>7}"
+          f"{'idle C':>8}{'max C':>7}{'+C':>6}")
     for r in rows:
         print(f"{r['kind']:<14}{r['telemetry']:>10}{r['idle_w']:8.0f}{r['mean_power_w']:8.0f}{r['added_power_w']:7.0f}"
               f"{r['max_power_w']:7.0f}{r['idle_temp_c']:8.1f}{r['max_temp_c']:7.1f}{r['added_temp_c']:6.1f}")
