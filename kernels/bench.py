@@ -161,6 +161,9 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
                 relerr = float((y.float() - ref).norm() / ref.norm())
                 t = bench_us(lambda: dequant_linear(x, nq()))
                 rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, bytes=q[b].nbytes + io, relerr=relerr))
+                if 1 < m <= 16:  # the per-row GEMV kernel too, to place the GEMV_M switch on data
+                    tg = bench_us(lambda: dequant_linear_triton(x, nq(), path="gemv"))
+                    rows.append(dict(base, kernel=f"gemv_int{b}_g128", us=tg, bytes=q[b].nbytes + io))
                 if m >= LARGE_M:  # the fused tensor-core kernel too, to place the LARGE_M switch on data
                     tf = bench_us(lambda: dequant_linear_triton(x, nq(), path="fused"))
                     rows.append(dict(base, kernel=f"fused_int{b}_g128", us=tf, bytes=q[b].nbytes + io))

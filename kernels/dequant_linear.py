@@ -3,8 +3,11 @@
 Weight format (ttha.quant): codes packed along K in int32 words, code j of a word in bits
 [bits*j, bits*(j+1)), one fp16 (scale, min) per group of `group_size` values along K.
 
-Three regimes, picked from M (rows of x):
+Four regimes, picked from M (rows of x):
 
+- M <= GEMV_M (decode, one row): `_gemv_kernel`, after `_x_planes_kernel` rearranges x (K values, tiny).
+  About 3 instructions per code (see the kernel), where unpacking in K order cost ~10: at one row the
+  unpacking, not DRAM, was the limit.
 - M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
   weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
   (tl.join; one (scale, min) per word) and multiplied with a contiguous [BM, BK] slice of x, on the FMA
@@ -28,6 +31,7 @@ from ttha.quant import QuantizedWeight, dequantize
 
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 
+GEMV_M = 1      # at or below: the per-row GEMV kernel (_gemv_kernel)
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
 LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
                 # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
@@ -187,6 +191,77 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _x_planes_kernel(x_ptr, xp_ptr, K, KW, NG, stride_xm,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
+        """x [M, K] -> xp [M, PW * KW + NG] fp32 for _gemv_kernel: plane j (xp[m, j * KW + kw] = x[m, kw * PW + j]
+        * 2**-shift_j, the code's bit offset undone on x, exact) then the sum of x over each group."""
+        PW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PW  # words per group
+        m = tl.program_id(1).to(tl.int64)
+        kw = tl.program_id(0) * BKW + tl.arange(0, BKW)
+        j = tl.arange(0, PW)
+        ok = (kw < KW)[:, None]
+        x = tl.load(x_ptr + m * stride_xm + kw[:, None] * PW + j[None, :], mask=ok, other=0.0).to(tl.float32)
+        shift = tl.where(BITS * (j + 1) <= 23, BITS * j, BITS * j - 16)  # as in _gemv_kernel
+        inv = ((127 - shift) << 23).to(tl.float32, bitcast=True)  # 2**-shift, exactly
+        row = xp_ptr + m * (PW * KW + NG)
+        tl.store(row + j[None, :] * KW + kw[:, None], x * inv[None, :], mask=ok)
+        g = tl.program_id(0) * (BKW // WPG) + tl.arange(0, BKW // WPG)
+        gsum = tl.sum(tl.reshape(tl.sum(x, axis=1), (BKW // WPG, WPG)), axis=1)
+        tl.store(row + PW * KW + g, gsum, mask=g < NG)
+
+    @triton.jit
+    def _gemv_kernel(xp_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's planes (_x_planes_kernel).
+
+        Three instructions per code: a code becomes a float in place, (word & mask_j) | 2**23 as float bits
+        = 2**23 + code * 2**shift_j (one LOP3), minus 2**23 (FADD), times x_j * 2**-shift_j (FFMA). The
+        scale multiplies the tile's row sum once ([BN, BKW] tiles lie inside one group) and the min meets
+        the group's x sum once per group: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k. With
+        SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for _splitk_reduce_kernel."""
+        PW: tl.constexpr = 32 // BITS
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rw = tl.arange(0, BKW)
+        n_ok = rn < N
+        rn64 = rn.to(tl.int64)
+        x_row = xp_ptr + pid_m.to(tl.int64) * (PW * KW + NG)
+        w_rows = w_ptr + rn64[:, None] * KW
+        s_rows = s_ptr + rn64 * NG
+        m_rows = m_ptr + rn64 * NG
+        per_split = KW // SPLIT_K  # a multiple of BKW (the host's configs ensure it)
+        kw_lo = pid_k * per_split
+        # 2**23's bit pattern, opaque to the compiler (N >= 0): one register shared by every code's LOP3
+        # instead of a constant rematerialised before each
+        magic = 0x4B000000 | (N >> 31)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for kw0 in range(kw_lo, kw_lo + per_split, BKW):
+            kw = kw0 + rw
+            words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None], other=0)
+            hi = (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+            g = (kw0 * PW) // GROUP
+            sc = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
+            mn = tl.load(m_rows + g, mask=n_ok, other=0.0).to(tl.float32)
+            xg = tl.where((kw0 * PW) % GROUP == 0, tl.load(x_row + PW * KW + g), 0.0)
+            dot = tl.zeros((BN, BKW), dtype=tl.float32)
+            for j in tl.static_range(PW):
+                # code j in place while code * 2**shift stays under the 23-bit mantissa, else from the high half
+                src = words if BITS * (j + 1) <= 23 else hi
+                shift = BITS * j if BITS * (j + 1) <= 23 else BITS * j - 16
+                v = ((src & (((1 << BITS) - 1) << shift)) | magic).to(tl.float32, bitcast=True)
+                dot += (v - 8388608.0) * tl.load(x_row + j * KW + kw)[None, :]
+            acc += tl.sum(dot, axis=1) * sc + xg * mn
+        if HAS_BIAS:
+            acc += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)
+        offs = pid_m.to(tl.int64) * N + rn
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=n_ok)
+
+    @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
         """out [N, K] = dequant(w) in out's dtype: words unpacked in K order (_dequant_words), so every
@@ -254,6 +329,34 @@ if HAS_TRITON:
     )(_dq_mm_kernel)
 
 
+    GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps, num_stages=2)
+                    for bn, warps in ((64, 4), (128, 4), (256, 8)) for bkw in (2, 4, 8, 16) for split in (1, 2, 4, 8)]
+    MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
+
+    def _prune_gemv(configs, named_args, **kwargs):
+        """Tiles inside one group, whole tiles per split, and of the splits that fill the GPU (or the
+        smallest one that comes closest) the two smallest: more splits only add partial sums."""
+        args = {**named_args, **kwargs}
+        pw, kwn, n = 32 // args["BITS"], args["KW"], args["N"]
+        ok = [c for c in configs if c.kwargs["BKW"] * pw <= args["GROUP"]
+              and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
+        out = []
+        for bn in sorted({c.kwargs["BN"] for c in ok}):
+            same = [c for c in ok if c.kwargs["BN"] == bn]
+            bkw = max(c.kwargs["BKW"] for c in same)  # the largest tile that fits the group
+            same = [c for c in same if c.kwargs["BKW"] == bkw]
+            splits = sorted({c.kwargs["SPLIT_K"] for c in same})
+            full = [s for s in splits if -(-n // bn) * s >= MIN_PROGRAMS] or splits[-1:]
+            keep = full[:2]
+            out += [c for c in same if c.kwargs["SPLIT_K"] in keep]
+        return out  # never empty: BKW = 2 words, SPLIT_K = 1 fits every group size and K
+
+    _gemv_tuned = triton.autotune(
+        configs=GEMV_CONFIGS, key=["N", "KW", "BITS", "GROUP", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_gemv}, **autotune_kwargs(),
+    )(_gemv_kernel)
+
+
 def _m_bucket(m: int) -> int:
     """Autotune key for M: powers of two, so a new batch size reuses a tuned config."""
     return 1 << max(0, (m - 1).bit_length())
@@ -283,6 +386,34 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     return y
 
 
+def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
+    """Decode rows: x's planes (one small kernel), the GEMV kernel per row, the split-K reduction."""
+    m, (n, k) = x2.shape[0], qw.shape
+    pw = 32 // qw.bits
+    kw, ng = k // pw, k // qw.group_size
+    if config is None and interpreting():  # small fixed tiles: the interpreter is slow
+        bkw = min(8, qw.group_size // pw)
+        config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
+    xp = torch.empty((m, pw * kw + ng), dtype=torch.float32, device=x2.device)
+    bkw_x = max(64, qw.group_size // pw)  # whole groups per program
+    _x_planes_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, k, kw, ng, x2.stride(0), BITS=qw.bits,
+                                                  GROUP=qw.group_size, BKW=bkw_x)
+    max_split = int(config["SPLIT_K"]) if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    partials = torch.empty((max_split, m, n), dtype=torch.float32, device=x2.device) if max_split > 1 else y
+    args = (xp, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2, y, partials, m, n, kw, ng)
+    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None)
+    if config is not None:
+        _gemv_kernel[(triton.cdiv(n, config["BN"]), m, int(config["SPLIT_K"]))](*args, **meta, **config)
+        split = int(config["SPLIT_K"])
+    else:
+        _gemv_tuned[lambda c: (triton.cdiv(n, c["BN"]), m, c["SPLIT_K"])](*args, **meta)
+        split = int(_gemv_tuned.best_config.kwargs["SPLIT_K"])
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024)
+    return y
+
+
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in `dtype`, one coalesced pass (the large-M path's first step)."""
     n, k = qw.shape
@@ -295,13 +426,13 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-PATHS = ("auto", "fused", "dequant")
+PATHS = ("auto", "gemv", "fused", "dequant")
 
 
 def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                           config: dict | None = None, path: str = "auto") -> torch.Tensor:
-    """The Triton path. path: auto (by M), fused (the matmul kernel, autotuned or `config`), dequant
-    (dequantize kernel + cuBLAS)."""
+    """The Triton path. path: auto (by M), gemv (the per-row decode kernel, autotuned or `config`), fused
+    (the matmul kernel, autotuned or `config`), dequant (dequantize kernel + cuBLAS)."""
     check_args(x, qw, bias)
     if path not in PATHS:
         raise ValueError(f"path={path!r}: must be one of {', '.join(PATHS)}")
@@ -316,6 +447,8 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
     if path == "dequant" or (path == "auto" and m >= LARGE_M and config is None):
         w = dequantize_triton(qw, x.dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None):
+        y = _launch_gemv(x2, qw, bias, config)
     else:
         y = _launch_mm(x2, qw, bias, config)
     return y.reshape(*lead, n)

@@ -228,9 +228,10 @@ def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms)
     got = b.update_ttha(s, latency_ms, 2.0)
     assert got == pytest.approx({k: float(v.detach()) for k, v in reference.items()}, rel=1e-5, abs=1e-7)
     b_grads = [p.grad for p in b.adapter.parameters()]
-    for g_ref, g in zip(ref_grads, b_grads):
-        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
-    assert sum(float(g.abs().sum()) for g in ref_grads) > 0
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    assert scale > 0
+    for g_ref, g in zip(ref_grads, b_grads):  # fp32: entries that cancel to ~0 agree to rounding of the scale
+        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.gpu
@@ -274,6 +275,29 @@ def test_staged_step_updates_and_counts_exactly_like_the_unstaged_one(device):
     for a, b in zip(usage[:n], usage[n:]):
         assert torch.equal(a, b)
     assert torch.allclose(params[0], params[1], rtol=1e-6, atol=1e-7)
+
+
+def test_update_during_the_next_step_learns_from_the_staged_step():
+    """A run updates on step i's staged routing while step i + 1 is routed: the same updates on the same
+    data as updating at the end of each step, one step later (terms and adapter equal)."""
+    def run(pipelined: bool):
+        torch.manual_seed(0)
+        router, terms = make_router(), []
+        for step in range(4):
+            serve_step(router, sample(power_w=450.0, temp_c=90.0), seed=step)
+            if pipelined:
+                if step:
+                    terms.append(router.update_ttha(sample(power_w=450.0, temp_c=90.0), 10.0, 2.0))
+                router.stage()
+            elif step < 3:
+                terms.append(router.update_ttha(sample(power_w=450.0, temp_c=90.0), 10.0, 2.0))
+        return terms, torch.cat([p.detach().flatten() for p in router.adapter.parameters()])
+
+    (t_end, p_end), (t_next, p_next) = run(False), run(True)
+    assert len(t_end) == len(t_next) == 3
+    for a, b in zip(t_end, t_next):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert torch.allclose(p_end, p_next, rtol=1e-6, atol=1e-7) and float(p_end.abs().sum()) > 0
 
 
 def test_gpu_runs_do_host_math_on_one_thread_cpu_runs_keep_the_pool():

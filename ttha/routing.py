@@ -15,9 +15,10 @@ The TTHA loss (update_ttha) carries gradient only through the routing probabilit
 soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality.
 
 Cost: the adapter, its optimizer and the loss live on the CPU. They are a few hundred parameters and
-[loss_tokens, E] logits, where a GPU would spend its time on ~100 kernel launches and syncs (measured on an
-H100: 3 ms per update on the GPU). The update moves a strided subsample of the step's recorded gate logits
-(at most router.loss_tokens rows) to the CPU once; the bias goes back to the routing device once per step.
+[E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs (measured
+on an H100: 3 ms per update on the GPU). stage() takes the gate softmax of a strided subsample of the step's
+recorded logits (at most router.loss_tokens rows) where the logits are and copies it to the host once;
+update_ttha works from it in closed form (no autograd); the bias goes back to the routing device once a step.
 """
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ def limit_host_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A copy into pinned host memory, queued on the current stream; valid after the stream's next sync."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
     return softmax_topk(logits if bias is None else logits + bias, k)
@@ -91,10 +98,31 @@ class TTHAAdapter(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
+    @staticmethod
+    def inputs(cost_features: torch.Tensor, hw_features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cost_features, hw_features.expand(cost_features.shape[0], -1)], dim=-1)
+
     def forward(self, cost_features: torch.Tensor, hw_features: torch.Tensor) -> torch.Tensor:
-        e = cost_features.shape[0]
-        x = torch.cat([cost_features, hw_features.expand(e, -1)], dim=-1)
-        return self.net(x).squeeze(-1)
+        return self.net(self.inputs(cost_features, hw_features)).squeeze(-1)
+
+    @torch.no_grad()
+    def forward_for_grad(self, cost_features: torch.Tensor, hw_features: torch.Tensor):
+        """(bias [E], what set_grad needs): forward without an autograd graph."""
+        lin1, lin2 = self.net[0], self.net[2]
+        x = self.inputs(cost_features, hw_features)
+        h = torch.tanh(torch.addmm(lin1.bias, x, lin1.weight.t()))
+        return torch.addmv(lin2.bias, h, lin2.weight[0]), (x, h)
+
+    @torch.no_grad()
+    def set_grad(self, saved, grad_bias: torch.Tensor) -> None:
+        """Backward by hand for d loss / d bias = grad_bias [E]: for a [E, 10] -> 32 -> 1 MLP autograd's
+        graph and engine cost several times the math (tests check it against autograd)."""
+        (x, h), (lin1, lin2) = saved, (self.net[0], self.net[2])
+        dz = torch.outer(grad_bias, lin2.weight[0]) * (1 - h * h)
+        lin2.weight.grad = (grad_bias @ h).unsqueeze(0)
+        lin2.bias.grad = grad_bias.sum().view(1)
+        lin1.weight.grad = dz.t() @ x
+        lin1.bias.grad = dz.sum(0)
 
 
 class ExpertLoadBalancer:
@@ -172,7 +200,8 @@ class AdaptiveRouter:
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self._folded = True
         self._usage: torch.Tensor | None = None
-        self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits [E, N], counts [E]) on the host
+        self._staged_counts: torch.Tensor | None = None  # this step's expert counts [E], on the host
+        self._staged_probs: torch.Tensor | None = None  # gate probs [E, N] on the host, for the next update
 
     # ---- costs and features ------------------------------------------------------------------------
     def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
@@ -226,7 +255,7 @@ class AdaptiveRouter:
         self._logits = {}
         self._counts.zero_()
         self._usage = None
-        self._staged = None
+        self._staged_counts = None
         if not self.adaptive:
             self._bias = None
             return
@@ -271,7 +300,7 @@ class AdaptiveRouter:
     def usage(self) -> torch.Tensor:
         """Share of routed tokens per expert in the current step (all layers), [E] on the CPU."""
         if self._usage is None:  # one device-to-host copy per step, however often it is asked
-            counts = (self._staged[1] if self._staged is not None else self._counts).double().cpu()
+            counts = (self._staged_counts if self._staged_counts is not None else self._counts).double().cpu()
             total = float(counts.sum())
             self._usage = counts / total if total > 0 else torch.full((self.n_experts,), 1.0 / self.n_experts,
                                                                       dtype=torch.float64)
@@ -306,31 +335,27 @@ class AdaptiveRouter:
             logits = logits.index_select(0, rows)
         return logits
 
-    def stage(self) -> None:
-        """Queue this step's device-to-host copies (subsampled gate logits, expert counts) without waiting.
-        Call it before the step's own sync (the prequential loss read), which then completes them: neither
-        update_ttha nor usage() adds a GPU sync, nor waits for the TTT step queued after the loss read.
-        (The ~15 ms a step the update once cost on the H100 with the stressor running was mostly torch's
-        host thread pool: see limit_host_threads.)"""
+    def stage(self, for_update: bool = True) -> None:
+        """Queue this step's device-to-host copies without waiting: the expert counts and, for_update, the
+        gate's routing probabilities on the subsampled rows (their softmax runs where the logits are: one
+        kernel on a GPU). Call it before the step's own sync (the prequential loss read), which completes
+        them: usage() then adds no GPU sync, and the next update_ttha reads the staged probabilities, so it
+        can run while the GPU works on the following step (see update_ttha)."""
         if not self._logits:
             return
-        logits, counts = self._subsampled_logits().t().contiguous(), self._counts
-        if logits.is_cuda:
-            host = (torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True),
-                    torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True))
-            host[0].copy_(logits, non_blocking=True)
-            host[1].copy_(counts, non_blocking=True)
-            self._staged = host
-        else:
-            self._staged = (logits, counts.clone())
+        probs = self._gate_probs_on_device() if for_update else None
+        self._staged_counts = _to_host_async(self._counts) if self._counts.is_cuda else self._counts.clone()
+        if probs is not None:
+            self._staged_probs = _to_host_async(probs) if probs.is_cuda else probs
 
-    def _recorded_logits(self, transposed: bool = False) -> torch.Tensor:
-        """The subsampled gate logits on the CPU: [N, E], or [E, N] contiguous when transposed
-        (the staged copy when stage() ran this step)."""
-        if self._staged is not None:
-            return self._staged[0] if transposed else self._staged[0].t()
-        logits = self._subsampled_logits()
-        return (logits.t().contiguous() if transposed else logits).cpu()
+    def _gate_probs_on_device(self) -> torch.Tensor:
+        """q = softmax(gate logits) of the subsampled rows, experts-major [E, N] contiguous."""
+        return torch.softmax(self._subsampled_logits(), dim=-1).t().contiguous()
+
+    def _gate_probs(self) -> torch.Tensor:
+        """q [E, N] on the CPU: the last staged record (consumed), else this step's recorded logits."""
+        probs, self._staged_probs = self._staged_probs, None
+        return probs if probs is not None else self._gate_probs_on_device().cpu()
 
     def _term_weights(self, sample, latency_ms: float) -> torch.Tensor:
         """[3, 4]: expected (latency, energy, throughput) -> (power, temp, latency, throughput_bonus) terms.
@@ -341,15 +366,6 @@ class AdaptiveRouter:
                               self.thermal_weight(sample.temp_c) * strain["temp"], 0.0, 0.0],
                              [0.0, 0.0, 0.0, o["throughput_weight"]]])
 
-    def _bias_for_loss(self, sample, latency_ms: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(clamped total bias [E], the adapter's part with its graph or None for the static router)."""
-        bias = self._cost_bias(self.over_target(sample, latency_ms))
-        adapter_bias = None
-        if self.adaptive:
-            adapter_bias = self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
-            bias = bias + adapter_bias
-        return bias.clamp(-self.max_bias, self.max_bias), adapter_bias
-
     @staticmethod
     def _terms(task, hw, drift) -> dict:
         return {"task": task, "power": hw[0], "temp": hw[1], "latency": hw[2], "throughput_bonus": hw[3],
@@ -357,9 +373,13 @@ class AdaptiveRouter:
 
     def ttha_loss(self, sample, latency_ms: float, task_loss: float) -> dict[str, torch.Tensor]:
         """The loss terms from this step's recorded gate logits, as an autograd graph: 'total' carries
-        gradient to the adapter through the routing probabilities p = softmax(logits + bias)."""
-        logits = self._recorded_logits()
-        bias, _ = self._bias_for_loss(sample, latency_ms)
+        gradient to the adapter through the routing probabilities p = softmax(logits + bias).
+        The reference for update_ttha, which computes the same values and gradient in closed form."""
+        logits = self._subsampled_logits().cpu()
+        bias = self._cost_bias(self.over_target(sample, latency_ms))
+        if self.adaptive:
+            bias = bias + self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
+        bias = bias.clamp(-self.max_bias, self.max_bias)
         log_p = torch.log_softmax(logits + bias, dim=-1)
         p_bar = log_p.exp().mean(0)  # expected share per expert over tokens and layers
         log_q = torch.log_softmax(logits, dim=-1)  # what the gate wants
@@ -368,39 +388,44 @@ class AdaptiveRouter:
         return self._terms(torch.tensor(float(task_loss)), hw, drift)
 
     def update_ttha(self, sample, latency_ms: float, task_loss: float) -> dict[str, float]:
-        """One Adam step of the adapter on the TTHA loss of this step's recorded logits; no model forward.
-        Returns the terms as floats. The static router computes the terms and learns nothing.
+        """One Adam step of the adapter on the TTHA loss of the last routing staged by stage(), or of this
+        step's recorded routing when none is staged; no model forward. Returns the terms as floats. The static
+        router computes the terms and learns nothing. sample and latency_ms are the readings the staged step
+        was routed under. A run calls it for step i while the GPU runs step i + 1's forward: host work that
+        overlaps device work (the bias of step i + 1 then reflects updates up to step i - 1).
 
-        Same loss as ttha_loss, with the gradient w.r.t. the bias in closed form (tests check it against
-        autograd) so that only the tiny adapter runs through autograd: about a third of the cost.
-            d total / d b = p_bar * c - mean_t p_t (p_t . c) + task_weight * (p_bar - q_bar)
-        with c = the per-expert cost vector of the weighted hardware terms (bonus negative)."""
-        # Experts-major [E, N]: softmax over 8 experts is then elementwise work over N tokens, which the
-        # CPU vectorises; torch's log_softmax over a last dim of 8 took 0.33 ms per call on the H100 host.
-        lt = self._recorded_logits(transposed=True)
+        Same values and gradient as ttha_loss (tests check both against autograd), in closed form from the
+        gate probabilities q [E, N] alone, so the host touches [E, N] only in three matrix products.
+        With e_i = exp(b_i - max b), S_n = sum_i q_in e_i, p_in = q_in e_i / S_n = softmax(logits + b):
+            p_bar  = e * mean_n(q_n / S_n)
+            drift  = task_weight * KL(q || p) = task_weight * (mean_n log S_n + max b - b . q_bar)
+            d total / d b = p_bar * c - mean_n p_n (p_n . c) + task_weight * (p_bar - q_bar),
+                   mean_n p_n (p_n . c) = e * mean_n(q_n (e c) . q_n / S_n^2)
+        with c = the per-expert cost vector of the weighted hardware terms (throughput bonus negative)."""
+        q = self._gate_probs()
         w = self._term_weights(sample, latency_ms)
-        f = self.cost_features
-        bias, adapter_bias = self._bias_for_loss(sample, latency_ms)
-
-        def log_softmax0(z: torch.Tensor) -> torch.Tensor:
-            z = z - z.amax(0)
-            return z - z.exp().sum(0).log()
-
+        f, tw = self.cost_features, self.obj["task_weight"]
         with torch.no_grad():
-            log_p = log_softmax0(lt + bias.unsqueeze(1))
-            p = log_p.exp()
-            p_bar = p.mean(1)
-            log_q = log_softmax0(lt)
-            q = log_q.exp()
-            tw = self.obj["task_weight"]
-            drift = tw * (q * (log_q - log_p)).sum(0).mean()
-            values = torch.cat([(p_bar @ f) @ w, drift.view(1)]).tolist()  # the one host read
-            if adapter_bias is not None:
-                c = f @ (w @ torch.tensor([1.0, 1.0, 1.0, -1.0]))
-                grad = p_bar * c - (p * (c @ p)).mean(1) + tw * (p_bar - q.mean(1))
+            bias = self._cost_bias(self.over_target(sample, latency_ms))
+            if self.adaptive:
+                adapter_bias, saved = self.adapter.forward_for_grad(self.cost_features,
+                                                                    self.hw_features(sample, latency_ms))
+                bias = bias + adapter_bias
+            bias = bias.clamp(-self.max_bias, self.max_bias)
+            b_max = bias.max()
+            e = torch.exp(bias - b_max)
+            c = f @ (w @ torch.tensor([1.0, 1.0, 1.0, -1.0]))
+            s = e @ q  # [N]
+            r = s.reciprocal()
+            cols = torch.stack([r, ((e * c) @ q) * r * r, torch.ones_like(r)], dim=1)
+            moments = (q @ cols) / q.shape[1]  # [E, 3]: mean_n q/S, mean_n q (ec.q)/S^2, q_bar
+            p_bar, q_bar = e * moments[:, 0], moments[:, 2]
+            drift = tw * (s.log().mean() + b_max - bias @ q_bar)
+            values = torch.cat([(p_bar @ f) @ w, drift.view(1)]).tolist()
+            if self.adaptive:
+                grad = p_bar * c - e * moments[:, 1] + tw * (p_bar - q_bar)
                 grad = grad * (bias.abs() < self.max_bias)  # no gradient through the clamp
-        if adapter_bias is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            adapter_bias.backward(grad)
+        if self.adaptive:
+            self.adapter.set_grad(saved, grad)
             self.optimizer.step()
         return self._terms(float(task_loss), values[:4], values[4])

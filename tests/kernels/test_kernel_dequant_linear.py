@@ -44,6 +44,34 @@ def test_matches_reference(bits, group, m, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m,bias,split", [(1, True, 1), (1, False, 3), (3, True, 2)])
+def test_gemv_kernel_matches_reference(bits, group, m, bias, split):
+    """The decode GEMV kernel (codes read in place, x by planes, scale per tile row sum): N = 40 is not a
+    multiple of BN = 16; K = 6 groups in 1..3 splits; tiles of the whole group or half of it."""
+    x, qw, b, ref = _case(m, 40, 6 * group, bits, group, dtype=torch.float16, bias=bias, seed=bits * group + m)
+    bkw = group // (32 // bits) // (2 if split == 2 else 1)
+    y = dequant_linear_triton(x, qw, b, config={"BN": 16, "BKW": bkw, "SPLIT_K": split}, path="gemv")
+    assert y.shape == (m, 40) and not y.isnan().any()
+    assert _rel(y, ref) < 2e-3  # fp16 output rounding only
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (40, 96 * 32)])
+def test_gemv_autotune_space_fits_the_kernel(bits, group, n, k):
+    """Every tuned GEMV tile lies in one group and every split covers whole tiles (the kernel relies on both)."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    kw = k * bits // 32
+    configs = dl._prune_gemv(dl.GEMV_CONFIGS, {"BITS": bits, "GROUP": group, "KW": kw, "N": n})
+    assert configs
+    for c in configs:
+        assert c.kwargs["BKW"] * 32 // bits <= group and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
+
+
+@needs_kernel
 def test_fp16_leading_dims_and_tile_config():
     x, qw, b, ref = _case(0, 48, 256, 4, 64, dtype=torch.float16, lead=(2, 3), seed=7)
     y = dequant_linear_triton(x, qw, b, config={"BM": 8, "BN": 32, "BKW": 16, "SPLIT_K": 1, "USE_DOT": False})
