@@ -29,6 +29,25 @@ def bench_us(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
 
 
+def graph_us(fn, items: list) -> float:
+    """GPU time per call without the host's launch overhead: one CUDA graph that calls fn(item) for each
+    item (the L2 rotation), replayed; what a serving loop that captures its decode step pays. Eager timing
+    of a few-microsecond kernel measures the Python launch path instead."""
+    for it in items:  # autotune and compile before the capture
+        fn(it)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for it in items:
+            fn(it)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for it in items:
+            fn(it)
+    return bench_us(graph.replay) / len(items)
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
     a = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
@@ -132,7 +151,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
 
 def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
     from ttha.kernels import dequant_linear, dequant_linear_triton
-    from ttha.kernels.dequant_linear import LARGE_M
+    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
     from ttha.quant import dequantize, quantize
 
     shapes = SHAPES[:1] if quick else SHAPES
@@ -153,17 +172,24 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
             nw = cycler(ws)
             t_ref = bench_us(lambda: F.linear(x, nw()))
             base = dict(K=k, N=n, M=m, torch_us=t_ref)
-            rows.append(dict(base, kernel="bf16_linear", us=t_ref, bytes=wb.numel() * 2 + io))
+            decode = m <= 16  # also timed from a CUDA graph (GPU time without launch overhead)
+            g_ref = graph_us(lambda w_: F.linear(x, w_), ws) if decode else None
+            base.update(torch_graph_us=g_ref)
+            rows.append(dict(base, kernel="bf16_linear", us=t_ref, graph_us=g_ref, bytes=wb.numel() * 2 + io))
             for b in (4, 2):
                 nq = cycler(qs[b])
                 y = dequant_linear(x, q[b])
                 ref = F.linear(x.float(), dequantize(q[b]))
                 relerr = float((y.float() - ref).norm() / ref.norm())
                 t = bench_us(lambda: dequant_linear(x, nq()))
-                rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, bytes=q[b].nbytes + io, relerr=relerr))
-                if 1 < m <= 16:  # the per-row GEMV kernel too, to place the GEMV_M switch on data
-                    tg = bench_us(lambda: dequant_linear_triton(x, nq(), path="gemv"))
-                    rows.append(dict(base, kernel=f"gemv_int{b}_g128", us=tg, bytes=q[b].nbytes + io))
+                tg = graph_us(lambda q_: dequant_linear(x, q_), qs[b]) if decode else None
+                rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, graph_us=tg, bytes=q[b].nbytes + io,
+                                 relerr=relerr))
+                if decode:  # the other decode kernel, to place the GEMV_M switch on data
+                    other = "fused" if m <= GEMV_M else "gemv"
+                    to = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
+                    tog = graph_us(lambda q_: dequant_linear_triton(x, q_, path=other), qs[b])
+                    rows.append(dict(base, kernel=f"{other}_int{b}_g128", us=to, graph_us=tog, bytes=q[b].nbytes + io))
                 if m >= LARGE_M:  # the fused tensor-core kernel too, to place the LARGE_M switch on data
                     tf = bench_us(lambda: dequant_linear_triton(x, nq(), path="fused"))
                     rows.append(dict(base, kernel=f"fused_int{b}_g128", us=tf, bytes=q[b].nbytes + io))
@@ -241,11 +267,14 @@ def fmt_table(rows: list) -> str:
     lin = [r for r in rows if "table" not in r]
     if lin:
         out.append(f"{'K x N':>12} {'M':>5} {'kernel':>20} {'us':>9} {'torch us':>9} {'ratio':>6} {'GB/s':>7} "
-                   f"{'%copy':>6} {'relerr':>8}")
+                   f"{'%copy':>6} {'relerr':>8} {'graph us':>9} {'g.ratio':>7} {'g.%copy':>7}")
         for r in lin:
+            g = r.get("graph_us")
+            graph = (f" {g:9.1f} {r.get('graph_ratio', float('nan')):7.2f} "
+                     f"{100 * r['graph_bw_share']:6.1f}%") if g else ""
             out.append(f"{r['K']:>5}x{r['N']:<6} {r['M']:>5} {r['kernel']:>20} {r['us']:9.1f} {r['torch_us']:9.1f} "
                        f"{r['ratio']:6.2f} {r['GBps']:7.0f} {100 * r['bw_share']:5.1f}% "
-                       f"{r.get('relerr', float('nan')):8.1e}")
+                       f"{r.get('relerr', float('nan')):8.1e}{graph}")
     en = [r for r in rows if r.get("table") == "energy"]
     if en:
         out.append(f"\nenergy per call (NVML, >=2 s saturated loop)\n{'K x N':>12} {'M':>3} {'kernel':>16} "
@@ -297,8 +326,12 @@ def main(argv=None) -> None:
     for r in rows:
         if "us" in r and "bytes" in r:
             r["ratio"] = r["torch_us"] / r["us"]  # > 1: faster than bf16 F.linear
+            if r.get("graph_us") and r.get("torch_graph_us"):
+                r["graph_ratio"] = r["torch_graph_us"] / r["graph_us"]
             r["GBps"] = r["bytes"] / (r["us"] * 1e-6) / 1e9
             r["bw_share"] = r["GBps"] / copy_gbs
+            if r.get("graph_us"):
+                r["graph_bw_share"] = r["bytes"] / (r["graph_us"] * 1e-6) / 1e9 / copy_gbs
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     keys = sorted({k for r in rows for k in r})
