@@ -5,9 +5,10 @@ Weight format (ttha.quant): codes packed along K in int32 words, code j of a wor
 
 Four regimes, picked from M (rows of x):
 
-- M <= GEMV_M (decode, one row): `_gemv_kernel`, after `_x_planes_kernel` rearranges x (K values, tiny).
-  About 3 instructions per code (see the kernel), where unpacking in K order cost ~10: at one row the
-  unpacking, not DRAM, was the limit.
+- M <= GEMV_M (decode, one row) while a CUDA graph is being captured: `_gemv_kernel`, after
+  `_x_planes_kernel` rearranges x (K values, tiny). About 4 SASS instructions per code in its loop
+  (see the kernel), where unpacking in K order costs ~10. Eager calls take the next regime: the GEMV's
+  three launches cost more host time than its GPU time saves.
 - M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
   weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
   (tl.join; one (scale, min) per word) and multiplied with a contiguous [BM, BK] slice of x, on the FMA
@@ -31,7 +32,9 @@ from ttha.quant import QuantizedWeight, dequantize
 
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 
-GEMV_M = 1      # at or below: the per-row GEMV kernel (_gemv_kernel)
+GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
+                # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
+                # _dq_mm_kernel; replayed from a graph the GEMV runs 1.5-2.6x of bf16 vs 1.0-1.7x
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
 LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
                 # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
@@ -447,7 +450,8 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
     if path == "dequant" or (path == "auto" and m >= LARGE_M and config is None):
         w = dequantize_triton(qw, x.dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
-    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None):
+    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None
+                            and x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         y = _launch_gemv(x2, qw, bias, config)
     else:
         y = _launch_mm(x2, qw, bias, config)
