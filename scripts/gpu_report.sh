@@ -37,7 +37,7 @@ case "$part" in
   grep -E "TTHA run|eval/|overhead/" "$OUT/stress_runs.log" | tail -12
   python3 -m ttha.report --experiment h100_stress --csv "$OUT/h100_stress.csv" | tee "$OUT/h100_stress.md"
   python3 -m ttha.report --experiment h100_stress \
-    --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac,overhead/ttha_host_frac | tee "$OUT/overhead.md" ;;
+    --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac,overhead/ttha_host_frac,overhead/router_bias_frac | tee "$OUT/overhead.md" ;;
 4)  # what each stressor adds on its own (~1.5 min)
   timeout 150 python3 -m ttha.stress --measure matmul bursty thermal_ramp --seconds 10 --json "$OUT/stress.json" ;;
 *) echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;

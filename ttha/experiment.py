@@ -150,8 +150,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
     nll_sum, ntok, ttt_modes = 0.0, 0, []
     latency_ms = 0.0
     energy0 = t_meas0 = None
-    overhead = {"telemetry_s": 0.0, "log_s": 0.0, "ttha_s": 0.0, "ttha_exposed_s": 0.0, "step_s": 0.0}
-    pending = None  # readings of the last step staged for an adapter update: it runs during the next step
+    overhead = {"telemetry_s": 0.0, "log_s": 0.0, "bias_s": 0.0, "ttha_s": 0.0, "ttha_exposed_s": 0.0, "step_s": 0.0}
     batches = data.stream_batches(corpus.test, B, S, n_warm + n_meas)
     bar = tqdm(batches, total=n_warm + n_meas, desc="test-time phase", unit="batch", dynamic_ncols=True,
                mininterval=pretrain.progress_interval())
@@ -175,27 +174,26 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         with torch.no_grad():  # prequential: evaluate before any adaptation on this batch
             logits = model(x)
             nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        # The adapter learns from the previous step's routing on the host while the GPU finishes this
-        # forward (the model syncs per layer to size its expert groups; the last layer and head remain).
-        # The update is exposed, i.e. adds to the step, only if the GPU is idle by the time it ends.
-        forward_done = _gpu_marker(device)
-        terms = {}
-        t_ttha = time.perf_counter()
-        if pending is not None:
-            terms = router.update_ttha(*pending)
-        t_ttha_end = time.perf_counter()
-        exposed = forward_done is None or forward_done.query()
-        update_next = adaptive and i % update_every == 0
-        router.stage(for_update=update_next)  # host copies complete with the loss read below: one sync
+        update = adaptive and i % update_every == 0
+        router.stage(for_update=update)  # host copies complete with the loss read below: one sync a step
         nll = float(nll)
         task_loss = nll / y.numel()
-        pending = (sample, latency_ms, task_loss) if update_next else None
 
         t_served = time.perf_counter()
         mode, reason = policy.decide(sample, tokens, latency_ms)
         t_ttt = time.perf_counter()
         trainer.step(batch, mode)
         t_ttt_end = time.perf_counter()
+
+        # The adapter update is host work: while the GPU runs the TTT step just queued it costs the step
+        # nothing. It counts as exposed unless the GPU is still busy when it ends (no TTT: always exposed).
+        queued = _gpu_marker(device)
+        terms = {}
+        t_ttha = time.perf_counter()
+        if update:
+            terms = router.update_ttha(sample, latency_ms, task_loss)
+        t_ttha_end = time.perf_counter()
+        exposed = queued is None or queued.query()
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -224,9 +222,9 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
         t_log_end = time.perf_counter()
         overhead["telemetry_s"] += t_tel - t_start
-        overhead["ttha_s"] += (t_ttha_end - t_ttha) + (t_bias_end - t_bias if adaptive else 0.0)
-        overhead["ttha_exposed_s"] += (t_ttha_end - t_ttha if exposed else 0.0) + (
-            t_bias_end - t_bias if adaptive else 0.0)
+        overhead["bias_s"] += t_bias_end - t_bias
+        overhead["ttha_s"] += t_ttha_end - t_ttha
+        overhead["ttha_exposed_s"] += t_ttha_end - t_ttha if exposed else 0.0
         overhead["log_s"] += t_log_end - t_log
         overhead["step_s"] += t_log_end - t_start
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
@@ -250,6 +248,7 @@ def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stre
         "overhead/logging_frac": overhead["log_s"] / overhead["step_s"],
         "overhead/ttha_update_frac": overhead["ttha_exposed_s"] / overhead["step_s"],
         "overhead/ttha_host_frac": overhead["ttha_s"] / overhead["step_s"],
+        "overhead/router_bias_frac": overhead["bias_s"] / overhead["step_s"],
         "telemetry/read_errors": float(getattr(monitor, "error_count", 0)),
     }
     for e in range(n_experts):
@@ -270,7 +269,7 @@ def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> No
     keys = ["eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
             "eval/max_temp_c", "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac",
             "ttt/skip_frac", "overhead/telemetry_frac", "overhead/logging_frac", "overhead/ttha_update_frac",
-            "overhead/ttha_host_frac"]
+            "overhead/ttha_host_frac", "overhead/router_bias_frac"]
     width = max(len(k) for k in keys)
     lines = [f"TTHA run: experts={cfg.experts.name} router={cfg.router.name} telemetry={source} "
              f"stress={cfg.stress.kind} workload={cfg.workload.kind} ttt={cfg.ttt.policy}",

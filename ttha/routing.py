@@ -18,12 +18,14 @@ Cost: the adapter, its optimizer and the loss live on the CPU. They are a few hu
 [E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs (measured
 on an H100: 3 ms per update on the GPU). stage() takes the gate softmax of a strided subsample of the step's
 recorded logits (at most router.loss_tokens rows) where the logits are and copies it to the host once;
-update_ttha works from it in closed form (no autograd); the bias goes back to the routing device once a step.
+update_ttha works from it in closed form, in numpy (torch's per-op overhead on tensors this small was most of
+the cost); the bias goes back to the routing device once a step.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,13 +59,27 @@ def _reading(value) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam on CPU parameters, fused where this torch has it (the per-tensor loop cost 0.4 ms a step)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+class HostAdam:
+    """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay) in numpy, on views of CPU
+    parameters: for the adapter's few hundred parameters torch's optimizer step cost 0.1-0.2 ms of Python,
+    more than the update's math (tests check it step for step against torch.optim.Adam)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [p.detach().numpy() for p in params]  # views: updated in place, seen by the module
+        self.lr, (self.beta1, self.beta2), self.eps = float(lr), betas, eps
+        self.exp_avg = [np.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [np.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def step(self, grads: list[np.ndarray]) -> None:
+        self.steps += 1
+        step_size = self.lr / (1 - self.beta1 ** self.steps)
+        bias_correction2_sqrt = math.sqrt(1 - self.beta2 ** self.steps)
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            m += (1 - self.beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v *= self.beta2
+            v += (1 - self.beta2) * g * g
+            p -= step_size * m / (np.sqrt(v) / bias_correction2_sqrt + self.eps)
 
 
 def limit_host_threads(device: torch.device) -> None:
@@ -97,6 +113,18 @@ class TTHAAdapter(nn.Module):
                                  nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        self._np_cache: list[np.ndarray] | None = None
+
+    def numpy_params(self) -> list[np.ndarray]:
+        """Views of the (CPU) parameters in parameters() order, made once: parameters() walks the module
+        tree on every call (tens of microseconds). In-place updates through them change the module."""
+        if self._np_cache is None:
+            self._np_cache = [p.detach().numpy() for p in self.parameters()]
+        return self._np_cache
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: new storage, so new views
+        self._np_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
     def inputs(cost_features: torch.Tensor, hw_features: torch.Tensor) -> torch.Tensor:
@@ -105,55 +133,54 @@ class TTHAAdapter(nn.Module):
     def forward(self, cost_features: torch.Tensor, hw_features: torch.Tensor) -> torch.Tensor:
         return self.net(self.inputs(cost_features, hw_features)).squeeze(-1)
 
-    @torch.no_grad()
-    def forward_for_grad(self, cost_features: torch.Tensor, hw_features: torch.Tensor):
-        """(bias [E], what set_grad needs): forward without an autograd graph."""
-        lin1, lin2 = self.net[0], self.net[2]
-        x = self.inputs(cost_features, hw_features)
-        h = torch.tanh(torch.addmm(lin1.bias, x, lin1.weight.t()))
-        return torch.addmv(lin2.bias, h, lin2.weight[0]), (x, h)
+    def forward_np(self, cost_features: np.ndarray, hw_features: np.ndarray):
+        """(bias [E], what grads_np needs): the same forward in numpy on the parameters' memory. The
+        router's per-step host math runs in numpy: for [E, 10] -> 32 -> 1 torch's per-op overhead and
+        autograd cost several times the arithmetic (tests check both against autograd)."""
+        w1, b1, w2, b2 = self.numpy_params()
+        x = np.concatenate([cost_features, np.broadcast_to(hw_features, (len(cost_features), len(hw_features)))], 1)
+        h = np.tanh(x @ w1.T + b1)
+        return h @ w2[0] + b2[0], (x, h)
 
-    @torch.no_grad()
-    def set_grad(self, saved, grad_bias: torch.Tensor) -> None:
-        """Backward by hand for d loss / d bias = grad_bias [E]: for a [E, 10] -> 32 -> 1 MLP autograd's
-        graph and engine cost several times the math (tests check it against autograd)."""
-        (x, h), (lin1, lin2) = saved, (self.net[0], self.net[2])
-        dz = torch.outer(grad_bias, lin2.weight[0]) * (1 - h * h)
-        lin2.weight.grad = (grad_bias @ h).unsqueeze(0)
-        lin2.bias.grad = grad_bias.sum().view(1)
-        lin1.weight.grad = dz.t() @ x
-        lin1.bias.grad = dz.sum(0)
+    def grads_np(self, saved, grad_bias: np.ndarray) -> list[np.ndarray]:
+        """d loss / d parameters (in parameters() order) for d loss / d bias = grad_bias [E]."""
+        (x, h), w2 = saved, self.numpy_params()[2]
+        dz = np.outer(grad_bias, w2[0]) * (1 - h * h)
+        return [dz.T @ x, dz.sum(0), (grad_bias @ h)[None, :], np.array([grad_bias.sum()], dtype=grad_bias.dtype)]
 
 
 class ExpertLoadBalancer:
     """EMA of the per-expert share of routed tokens. balance_score = normalised entropy of the EMA:
-    1 for uniform load, 0 when one expert takes everything."""
+    1 for uniform load, 0 when one expert takes everything. numpy: a few values a step, where torch's
+    per-op overhead was most of the router's per-step host time."""
 
     def __init__(self, n_experts: int, alpha: float = 0.1):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"balancer_alpha={alpha!r}: must be in (0, 1]")
         self.n_experts, self.alpha = n_experts, float(alpha)
-        self.ema = torch.full((n_experts,), 1.0 / n_experts, dtype=torch.float64)
+        self.ema = np.full(n_experts, 1.0 / n_experts)
         self.updates = 0
 
     def update(self, shares) -> None:
-        shares = torch.as_tensor(shares, dtype=torch.float64).flatten().cpu()
-        if shares.numel() != self.n_experts:
-            raise ValueError(f"shares: expected {self.n_experts} values, got {shares.numel()}")
+        if torch.is_tensor(shares):
+            shares = shares.detach().cpu().numpy()
+        shares = np.asarray(shares, dtype=np.float64).ravel()
+        if shares.size != self.n_experts:
+            raise ValueError(f"shares: expected {self.n_experts} values, got {shares.size}")
         total = float(shares.sum())
         if total <= 0:
             return
         shares = shares / total
         # the first observation replaces the uniform prior instead of being smoothed into it
-        self.ema = shares.clone() if self.updates == 0 else (1 - self.alpha) * self.ema + self.alpha * shares
+        self.ema = shares.copy() if self.updates == 0 else (1 - self.alpha) * self.ema + self.alpha * shares
         self.updates += 1
 
     @property
     def balance_score(self) -> float:
         if self.n_experts == 1:
             return 1.0
-        p = self.ema.clamp_min(0)
-        entropy = -float((p * torch.log(p.clamp_min(1e-12))).sum())
+        p = np.maximum(self.ema, 0.0)
+        entropy = -float((p * np.log(np.maximum(p, 1e-12))).sum())
         return max(0.0, min(1.0, entropy / math.log(self.n_experts)))
 
 
@@ -193,7 +220,8 @@ class AdaptiveRouter:
         if self.adaptive:
             self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
                                        int(_cfg(router_cfg, "adapter_hidden", 32)))
-            self.optimizer = _adam(self.adapter.parameters(), float(_cfg(router_cfg, "lr", 0.05)))
+            self.optimizer = HostAdam(self.adapter.parameters(), float(_cfg(router_cfg, "lr", 0.05)))
+            self._adapter_params = list(self.adapter.parameters())
         self._bias: torch.Tensor | None = None
         self._zero_bias: torch.Tensor | None = None
         self._logits: dict[int, torch.Tensor] = {}
@@ -218,6 +246,7 @@ class AdaptiveRouter:
         feats = torch.stack([lat / lat.max(), energy / energy.max(), tput / tput.max()], dim=-1)
         self._cost_batch = tokens_per_expert
         self.cost_features = feats  # CPU, like the adapter
+        self._cost_np = feats.numpy()
         return self.cost_features
 
     def over_target(self, sample, latency_ms: float) -> dict[str, float]:
@@ -234,18 +263,29 @@ class AdaptiveRouter:
             w *= 1.0 + self.obj["thermal_boost"] * excess / 10.0
         return w
 
-    def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
+    def _hw_np(self, sample, latency_ms: float) -> np.ndarray:
         t = self.targets
         ratios = [_reading(sample.power_w) / t["power_w"], _reading(sample.temp_c) / t["temp_c"],
                   _reading(getattr(sample, "util_pct", 0.0)) / 100.0, _reading(latency_ms) / t["latency_ms"]]
         over = [min(v, RATIO_CLAMP) for v in self.over_target(sample, latency_ms).values()]
-        feats = [min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over
-        return torch.tensor(feats, dtype=torch.float32)
+        return np.array([min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over, dtype=np.float32)
 
-    def _cost_bias(self, strain: dict[str, float]) -> torch.Tensor:
+    def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
+        return torch.from_numpy(self._hw_np(sample, latency_ms))
+
+    def _cost_bias_np(self, strain: dict[str, float]) -> np.ndarray:
         """-scale x (energy strain x energy_e + latency strain x latency_e): [E], zero under every target."""
         k = -self.cost_bias_scale
-        return self.cost_features[:, :2] @ torch.tensor([k * strain["latency"], k * (strain["power"] + strain["temp"])])
+        return self._cost_np[:, :2] @ np.array([k * strain["latency"], k * (strain["power"] + strain["temp"])],
+                                               dtype=np.float32)
+
+    def _bias_np(self, sample, latency_ms: float):
+        """(clamped total bias [E], the adapter's saved forward or None) from numpy on the host."""
+        bias, saved = self._cost_bias_np(self.over_target(sample, latency_ms)), None
+        if self.adaptive:
+            adapter_bias, saved = self.adapter.forward_np(self._cost_np, self._hw_np(sample, latency_ms))
+            bias = bias + adapter_bias
+        return np.clip(bias, -self.max_bias, self.max_bias), saved
 
     # ---- the routing callable ----------------------------------------------------------------------
     def begin_step(self, sample, latency_ms: float) -> None:
@@ -259,10 +299,7 @@ class AdaptiveRouter:
         if not self.adaptive:
             self._bias = None
             return
-        with torch.no_grad():
-            bias = self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
-            bias = bias + self._cost_bias(self.over_target(sample, latency_ms))
-            self._bias = bias.clamp(-self.max_bias, self.max_bias).float().to(self.device)
+        self._bias = torch.from_numpy(self._bias_np(sample, latency_ms)[0]).to(self.device)
 
     def __call__(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if logits.dim() != 2 or logits.shape[-1] != self.n_experts:
@@ -298,17 +335,17 @@ class AdaptiveRouter:
 
     # ---- statistics --------------------------------------------------------------------------------
     def usage(self) -> torch.Tensor:
-        """Share of routed tokens per expert in the current step (all layers), [E] on the CPU."""
+        """Share of routed tokens per expert in the current step (all layers), [E] float64 on the CPU."""
         if self._usage is None:  # one device-to-host copy per step, however often it is asked
-            counts = (self._staged_counts if self._staged_counts is not None else self._counts).double().cpu()
-            total = float(counts.sum())
-            self._usage = counts / total if total > 0 else torch.full((self.n_experts,), 1.0 / self.n_experts,
-                                                                      dtype=torch.float64)
-        return self._usage.clone()
+            counts = (self._staged_counts if self._staged_counts is not None else self._counts).cpu().numpy()
+            total = int(counts.sum())
+            self._usage = counts / total if total > 0 else np.full(self.n_experts, 1.0 / self.n_experts)
+        return torch.from_numpy(self._usage.astype(np.float64))
 
     def _fold(self) -> None:
         if not self._folded:
-            self.balancer.update(self.usage())
+            self.usage()
+            self.balancer.update(self._usage)
             self._folded = True
 
     @property
@@ -339,8 +376,8 @@ class AdaptiveRouter:
         """Queue this step's device-to-host copies without waiting: the expert counts and, for_update, the
         gate's routing probabilities on the subsampled rows (their softmax runs where the logits are: one
         kernel on a GPU). Call it before the step's own sync (the prequential loss read), which completes
-        them: usage() then adds no GPU sync, and the next update_ttha reads the staged probabilities, so it
-        can run while the GPU works on the following step (see update_ttha)."""
+        them: neither usage() nor the next update_ttha (which reads the staged probabilities) adds a GPU sync
+        or waits for work queued after the loss read (the TTT step)."""
         if not self._logits:
             return
         probs = self._gate_probs_on_device() if for_update else None
@@ -357,14 +394,14 @@ class AdaptiveRouter:
         probs, self._staged_probs = self._staged_probs, None
         return probs if probs is not None else self._gate_probs_on_device().cpu()
 
-    def _term_weights(self, sample, latency_ms: float) -> torch.Tensor:
+    def _term_weights(self, sample, latency_ms: float) -> np.ndarray:
         """[3, 4]: expected (latency, energy, throughput) -> (power, temp, latency, throughput_bonus) terms.
         Each hardware term = objective weight x over-target factor (a constant >= 0) x expected cost."""
         strain, o = self.over_target(sample, latency_ms), self.obj
-        return torch.tensor([[0.0, 0.0, o["latency_weight"] * strain["latency"], 0.0],
-                             [o["power_weight"] * strain["power"],
-                              self.thermal_weight(sample.temp_c) * strain["temp"], 0.0, 0.0],
-                             [0.0, 0.0, 0.0, o["throughput_weight"]]])
+        return np.array([[0.0, 0.0, o["latency_weight"] * strain["latency"], 0.0],
+                         [o["power_weight"] * strain["power"], self.thermal_weight(sample.temp_c) * strain["temp"],
+                          0.0, 0.0],
+                         [0.0, 0.0, 0.0, o["throughput_weight"]]], dtype=np.float32)
 
     @staticmethod
     def _terms(task, hw, drift) -> dict:
@@ -376,7 +413,7 @@ class AdaptiveRouter:
         gradient to the adapter through the routing probabilities p = softmax(logits + bias).
         The reference for update_ttha, which computes the same values and gradient in closed form."""
         logits = self._subsampled_logits().cpu()
-        bias = self._cost_bias(self.over_target(sample, latency_ms))
+        bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms)))
         if self.adaptive:
             bias = bias + self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
         bias = bias.clamp(-self.max_bias, self.max_bias)
@@ -384,48 +421,42 @@ class AdaptiveRouter:
         p_bar = log_p.exp().mean(0)  # expected share per expert over tokens and layers
         log_q = torch.log_softmax(logits, dim=-1)  # what the gate wants
         drift = self.obj["task_weight"] * (log_q.exp() * (log_q - log_p)).sum(-1).mean()  # KL(gate || routed)
-        hw = (p_bar @ self.cost_features) @ self._term_weights(sample, latency_ms)
+        hw = (p_bar @ self.cost_features) @ torch.from_numpy(self._term_weights(sample, latency_ms))
         return self._terms(torch.tensor(float(task_loss)), hw, drift)
 
     def update_ttha(self, sample, latency_ms: float, task_loss: float) -> dict[str, float]:
         """One Adam step of the adapter on the TTHA loss of the last routing staged by stage(), or of this
         step's recorded routing when none is staged; no model forward. Returns the terms as floats. The static
         router computes the terms and learns nothing. sample and latency_ms are the readings the staged step
-        was routed under. A run calls it for step i while the GPU runs step i + 1's forward: host work that
-        overlaps device work (the bias of step i + 1 then reflects updates up to step i - 1).
+        was routed under.
 
         Same values and gradient as ttha_loss (tests check both against autograd), in closed form from the
-        gate probabilities q [E, N] alone, so the host touches [E, N] only in three matrix products.
+        gate probabilities q [E, N] alone (the host touches [E, N] in three matrix products), in numpy.
         With e_i = exp(b_i - max b), S_n = sum_i q_in e_i, p_in = q_in e_i / S_n = softmax(logits + b):
             p_bar  = e * mean_n(q_n / S_n)
             drift  = task_weight * KL(q || p) = task_weight * (mean_n log S_n + max b - b . q_bar)
             d total / d b = p_bar * c - mean_n p_n (p_n . c) + task_weight * (p_bar - q_bar),
                    mean_n p_n (p_n . c) = e * mean_n(q_n (e c) . q_n / S_n^2)
         with c = the per-expert cost vector of the weighted hardware terms (throughput bonus negative)."""
-        q = self._gate_probs()
+        q = self._gate_probs().numpy()
         w = self._term_weights(sample, latency_ms)
-        f, tw = self.cost_features, self.obj["task_weight"]
-        with torch.no_grad():
-            bias = self._cost_bias(self.over_target(sample, latency_ms))
-            if self.adaptive:
-                adapter_bias, saved = self.adapter.forward_for_grad(self.cost_features,
-                                                                    self.hw_features(sample, latency_ms))
-                bias = bias + adapter_bias
-            bias = bias.clamp(-self.max_bias, self.max_bias)
-            b_max = bias.max()
-            e = torch.exp(bias - b_max)
-            c = f @ (w @ torch.tensor([1.0, 1.0, 1.0, -1.0]))
-            s = e @ q  # [N]
-            r = s.reciprocal()
-            cols = torch.stack([r, ((e * c) @ q) * r * r, torch.ones_like(r)], dim=1)
-            moments = (q @ cols) / q.shape[1]  # [E, 3]: mean_n q/S, mean_n q (ec.q)/S^2, q_bar
-            p_bar, q_bar = e * moments[:, 0], moments[:, 2]
-            drift = tw * (s.log().mean() + b_max - bias @ q_bar)
-            values = torch.cat([(p_bar @ f) @ w, drift.view(1)]).tolist()
-            if self.adaptive:
-                grad = p_bar * c - e * moments[:, 1] + tw * (p_bar - q_bar)
-                grad = grad * (bias.abs() < self.max_bias)  # no gradient through the clamp
+        f, tw = self._cost_np, self.obj["task_weight"]
+        bias, saved = self._bias_np(sample, latency_ms)
+        b_max = bias.max()
+        e = np.exp(bias - b_max)
+        c = f @ (w @ np.array([1.0, 1.0, 1.0, -1.0], dtype=np.float32))
+        s = e @ q  # [N]
+        r = 1.0 / s
+        cols = np.stack([r, ((e * c) @ q) * r * r, np.ones_like(r)], axis=1)
+        moments = (q @ cols) / q.shape[1]  # [E, 3]: mean_n q/S, mean_n q (ec.q)/S^2, q_bar
+        p_bar, q_bar = e * moments[:, 0], moments[:, 2]
+        drift = tw * (float(np.log(s).mean()) + float(b_max) - float(bias @ q_bar))
+        values = [float(v) for v in (p_bar @ f) @ w] + [drift]
         if self.adaptive:
-            self.adapter.set_grad(saved, grad)
-            self.optimizer.step()
+            grad = p_bar * c - e * moments[:, 1] + tw * (p_bar - q_bar)
+            grad = (grad * (np.abs(bias) < self.max_bias)).astype(np.float32)  # no gradient through the clamp
+            grads = self.adapter.grads_np(saved, grad)
+            for param, g in zip(self._adapter_params, grads):  # inspectable, as after backward()
+                param.grad = torch.from_numpy(g)
+            self.optimizer.step(grads)
         return self._terms(float(task_loss), values[:4], values[4])
