@@ -219,7 +219,8 @@ if HAS_TRITON:
                      BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr):
         """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's planes (_x_planes_kernel).
 
-        Three instructions per code: a code becomes a float in place, (word & mask_j) | 2**23 as float bits
+        Three arithmetic instructions per code (~4 in the compiled loop, loads and addressing included; ~10 in
+        _dq_mm_kernel's): a code becomes a float in place, (word & mask_j) | 2**23 as float bits
         = 2**23 + code * 2**shift_j (one LOP3), minus 2**23 (FADD), times x_j * 2**-shift_j (FFMA). The
         scale multiplies the tile's row sum once ([BN, BKW] tiles lie inside one group) and the min meets
         the group's x sum once per group: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k. With
