@@ -149,7 +149,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
         return None
 
 
-def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
+def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None) -> None:
     from ttha.kernels import dequant_linear, dequant_linear_triton
     from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
     from ttha.quant import dequantize, quantize
@@ -166,7 +166,7 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool) -> None:
         w8s = rotating(lambda: (w8.clone(), s8.clone()), w8.numel())
         gem = {b: _gemlite_layer(w, b, 128) for b in (4, 2)}
         del w
-        for m in (MS[:3] + MS[-1:] if quick else MS):
+        for m in ms or (MS[:3] + MS[-1:] if quick else MS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             io = x.numel() * 2 + m * n * 2
             nw = cycler(ws)
@@ -301,6 +301,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer M and router sizes")
     ap.add_argument("--only", default="linear,energy,router,launch")
+    ap.add_argument("--ms", default="", help="comma-separated M values for the linear table (default: all)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
@@ -314,7 +315,8 @@ def main(argv=None) -> None:
     meta["triton"] = triton.__version__
     print(json.dumps(meta), flush=True)
     rows: list = []
-    sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only)),
+    sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only,
+                                                 ms=[int(m) for m in args.ms.split(",") if m])),
                 ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows))]
     for name, fn in sections:
         if name in only:

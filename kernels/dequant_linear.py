@@ -216,7 +216,7 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(xp_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1):
         """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's planes (_x_planes_kernel).
 
         Three arithmetic instructions per code (~4 in the compiled loop, loads and addressing included; ~10 in
@@ -241,7 +241,7 @@ if HAS_TRITON:
         # instead of a constant rematerialised before each
         magic = 0x4B000000 | (N >> 31)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for kw0 in range(kw_lo, kw_lo + per_split, BKW):
+        for kw0 in tl.range(kw_lo, kw_lo + per_split, BKW, num_stages=NUM_STAGES):
             kw = kw0 + rw
             words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None], other=0)
             hi = (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
@@ -333,8 +333,11 @@ if HAS_TRITON:
     )(_dq_mm_kernel)
 
 
-    GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps, num_stages=2)
-                    for bn, warps in ((64, 4), (128, 4), (256, 8)) for bkw in (2, 4, 8, 16) for split in (1, 2, 4, 8)]
+    # NUM_STAGES: tiles in flight per program (tl.range pipelines the weight loads through shared memory
+    # with cp.async; without it a program waits out each load's latency)
+    GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split, "NUM_STAGES": stages}, num_warps=warps)
+                    for bn, warps in ((64, 4), (128, 4), (256, 8)) for bkw in (2, 4, 8, 16) for split in (1, 2, 4, 8)
+                    for stages in (1, 3)]
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
 
     def _prune_gemv(configs, named_args, **kwargs):
