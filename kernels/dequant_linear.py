@@ -5,7 +5,8 @@ Weight format (ttha.quant): codes packed along K in int32 words, code j of a wor
 
 Four regimes, picked from M (rows of x):
 
-- M <= GEMV_M (decode, one row) while a CUDA graph is being captured: `_gemv_kernel`, after
+- M <= GEMV_M (decode, one row) while a CUDA graph is being captured (and once per shape eagerly, to
+  tune it before a capture): `_gemv_kernel`, after
   `_x_planes_kernel` rearranges x (K values, tiny). About 4 SASS instructions per code in its loop
   (see the kernel), where unpacking in K order costs ~10. Eager calls take the next regime: the GEMV's
   three launches cost more host time than its GPU time saves.
@@ -434,6 +435,21 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 PATHS = ("auto", "gemv", "fused", "dequant")
+_GEMV_TUNED: set[tuple] = set()  # shapes whose GEMV has run eagerly (so is tuned)
+
+
+def _gemv_now(x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
+    """The GEMV serves a decode row under CUDA graph capture, and once per shape eagerly: that first call
+    tunes it, as the warm-up before a capture must (autotuning cannot run inside one)."""
+    if not x2.is_cuda:
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    key = (qw.shape, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device)
+    if key in _GEMV_TUNED:
+        return False
+    _GEMV_TUNED.add(key)
+    return True
 
 
 def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -454,8 +470,7 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
     if path == "dequant" or (path == "auto" and m >= LARGE_M and config is None):
         w = dequantize_triton(qw, x.dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
-    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None
-                            and x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None and _gemv_now(x2, qw, bias)):
         y = _launch_gemv(x2, qw, bias, config)
     else:
         y = _launch_mm(x2, qw, bias, config)

@@ -161,9 +161,8 @@ def test_gpu_real_sizes(bits, m):
 def test_gpu_decode_row_under_graph_capture_uses_the_gemv_kernel(bits):
     """M = 1 captured in a CUDA graph takes the GEMV kernel (eager calls the one-launch kernel): both match."""
     x, qw, b, ref = _case(1, 14336, 4096, bits, 128, seed=5)
+    dequant_linear(x, qw, b)  # warm-up: the first eager call of a shape tunes the GEMV
     eager = dequant_linear(x, qw, b)
-    dequant_linear(x, qw, b)  # tune outside the capture
-    dequant_linear_triton(x, qw, b, path="gemv")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = dequant_linear(x, qw, b)
