@@ -35,7 +35,7 @@ from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
-                # _dq_mm_kernel; replayed from a graph the GEMV runs 1.5-2.6x of bf16 vs 1.0-1.7x
+                # _dq_mm_kernel; replayed from a graph the GEMV runs 1.7-2.9x of bf16 vs 1.0-1.7x (H100)
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
 LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
                 # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
