@@ -370,6 +370,25 @@ def _m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict, config: dict | None,
+                    max_split: int, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """y [m, n] in like's dtype from `kernel` with `config` (or the autotuned `tuned`), whose arguments are
+    (*inputs, y, partials, *sizes); when the config splits K, the fp32 partials are summed into y after.
+    grid(config) gives the launch grid."""
+    y = torch.empty((m, n), dtype=like.dtype, device=like.device)
+    partials = torch.empty((max_split, m, n), dtype=torch.float32, device=like.device) if max_split > 1 else y
+    args = (*inputs, y, partials, *sizes)
+    if config is not None:
+        kernel[grid(config)](*args, **meta, **config)
+        split = int(config["SPLIT_K"])
+    else:
+        tuned[grid](*args, **meta)
+        split = int(tuned.best_config.kwargs["SPLIT_K"])
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024)
+    return y
+
+
 def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     """The matmul kernel (autotuned, or `config`), then the split-K reduction when the config splits."""
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
@@ -377,21 +396,11 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
         config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 8, "SPLIT_K": 2, "USE_DOT": m > 4}
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    partials = torch.empty((max_split, m, n), dtype=torch.float32, device=x2.device) if max_split > 1 else y
-    args = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2, y, partials, m, n, k,
-            _m_bucket(m), x2.stride(0))
+    inputs = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, DOT_F32=interpreting())
-    if config is not None:
-        grid = (triton.cdiv(n, config["BN"]), triton.cdiv(m, config["BM"]), int(config["SPLIT_K"]))
-        _dq_mm_kernel[grid](*args, **meta, **config)
-        split = int(config["SPLIT_K"])
-    else:
-        _dq_mm_tuned[lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), c["SPLIT_K"])](*args, **meta)
-        split = int(_dq_mm_tuned.best_config.kwargs["SPLIT_K"])
-    if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024)
-    return y
+    return _launch_split_k(_dq_mm_kernel, _dq_mm_tuned,
+                           lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), int(c["SPLIT_K"])),
+                           inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2)
 
 
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
@@ -407,19 +416,10 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
     _x_planes_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, k, kw, ng, x2.stride(0), BITS=qw.bits,
                                                   GROUP=qw.group_size, BKW=bkw_x)
     max_split = int(config["SPLIT_K"]) if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    partials = torch.empty((max_split, m, n), dtype=torch.float32, device=x2.device) if max_split > 1 else y
-    args = (xp, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2, y, partials, m, n, kw, ng)
+    inputs = (xp, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None)
-    if config is not None:
-        _gemv_kernel[(triton.cdiv(n, config["BN"]), m, int(config["SPLIT_K"]))](*args, **meta, **config)
-        split = int(config["SPLIT_K"])
-    else:
-        _gemv_tuned[lambda c: (triton.cdiv(n, c["BN"]), m, c["SPLIT_K"])](*args, **meta)
-        split = int(_gemv_tuned.best_config.kwargs["SPLIT_K"])
-    if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024)
-    return y
+    return _launch_split_k(_gemv_kernel, _gemv_tuned, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])),
+                           inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2)
 
 
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
