@@ -6,13 +6,15 @@ Weight format (ttha.quant): codes packed along K in int32 words, code j of a wor
 Four regimes, picked from M (rows of x):
 
 - M <= GEMV_M (decode, one row) while a CUDA graph is being captured (and once per shape eagerly, to
-  tune it before a capture): `_gemv_kernel`, after
-  `_x_planes_kernel` rearranges x (K values, tiny). About 4 SASS instructions per code in its loop
-  (see the kernel), where unpacking in K order costs ~10. Eager calls take the next regime: the GEMV's
-  three launches cost more host time than its GPU time saves.
+  tune it before a capture): `_gemv_kernel`, after `_x_pairs_kernel` rearranges x (K values, tiny) into
+  fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
+  over tiles of whole groups 128-512 bytes wide per row (64-byte rows per tile ran at half the copy
+  bandwidth on the H100). Eager calls take the next regime: the GEMV's three launches cost more host time
+  than its GPU time saves.
 - M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
   weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
-  (tl.join; one (scale, min) per word) and multiplied with a contiguous [BM, BK] slice of x, on the FMA
+  (tl.join; each group's (scale, min) repeated over its words) and multiplied with a contiguous [BM, BK]
+  slice of x, on the FMA
   units for few rows or on tensor cores; the autotuner also tries the older "planes" variant (no
   unpacking; strided x). Split-K (a third grid axis, partial sums reduced by a second small kernel)
   keeps every SM streaming when N / BN is small.
@@ -35,7 +37,7 @@ from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
-                # _dq_mm_kernel; replayed from a graph the GEMV runs 1.7-2.9x of bf16 vs 1.0-1.7x (H100)
+                # _dq_mm_kernel; replayed from a graph the GEMV runs 2.2-4.4x of bf16 vs 1.5-2.3x (H100)
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
 LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
                 # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
@@ -75,7 +77,39 @@ def check_args(x, qw, bias) -> None:
             raise ValueError(f"bias: on {bias.device}, x on {x.device}")
 
 
+def _pair_shifts(bits: int) -> list[tuple[int, int]]:
+    """(word shift, bit position) of each half2 pair p of a word: its two codes (p and p + PW/2, one per 16-bit
+    half) sit at `pos` after the shift, with code * 2**pos below 2**10 (exact above fp16's 1024). The same
+    rule as _pair_shift in the kernels."""
+    out, sh = [], 0
+    for p in range(16 // bits):
+        if bits * (p + 1) - sh > 10:
+            sh = bits * p
+        out.append((sh, bits * p - sh))
+    return out
+
+
+def _word_dot_ptx(bits: int) -> str:
+    """PTX for _word_dot: $0 (f32) = sum over the word $1's codes of code * x, x's pairs in $2.. (half2)."""
+    mask = (1 << bits) - 1
+    lines = ["{", ".reg .b32 m, t, u, a;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+             "mov.b32 m, 0x64006400;"]  # fp16 1024 in both halves
+    src, cur_sh = "$1", 0
+    for p, (sh, pos) in enumerate(_pair_shifts(bits)):
+        if sh != cur_sh:
+            lines.append(f"shr.u32 u, $1, {sh};")
+            src, cur_sh = "u", sh
+        lines += [f"lop3.b32 t, {src}, {(mask << pos) * 0x10001:#010x}, m, 0xEA;",  # (src & lanes) | m
+                  "sub.f16x2 t, t, m;",
+                  f"mul.f16x2 a, t, ${p + 2};" if p == 0 else f"fma.rn.f16x2 a, t, ${p + 2}, a;"]
+    lines += ["mov.b32 {lo, hi}, a;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;", "}"]
+    return "\n".join(lines)
+
+
 if HAS_TRITON:
+    _PTX4 = tl.constexpr(_word_dot_ptx(4))
+    _PTX2 = tl.constexpr(_word_dot_ptx(2))
+
 
     @triton.jit
     def _codes_to_float(c):
@@ -117,6 +151,7 @@ if HAS_TRITON:
         BK: tl.constexpr = BKW * PW
         # Tiles start at multiples of BK (split ranges are whole tiles) and BK, GROUP are powers of two.
         ROW_SCALE: tl.constexpr = BK <= GROUP
+        GT: tl.constexpr = 1 if ROW_SCALE else BK // GROUP  # groups per tile
         KW = K // PW
         NG = K // GROUP
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -148,29 +183,32 @@ if HAS_TRITON:
             words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
             if ROW_SCALE:  # the tile lies in one group: one (scale, min) per row, [BN, 1]
                 soff = s_rows + (kw0 * PW) // GROUP
-                smask = n_ok[:, None]
-            else:  # one per word (a word never straddles groups), [BN, BKW]
-                soff = s_rows + ((kw * PW) // GROUP)[None, :]
-                smask = wmask
-            sc = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-            mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+                sc = tl.load(s_ptr + soff, mask=n_ok[:, None], other=0.0)
+                mn = tl.load(m_ptr + soff, mask=n_ok[:, None], other=0.0)
+            else:  # whole groups: one (scale, min) per row and group [BN, GT], repeated over its words in registers
+                g = (kw0 * PW) // GROUP + tl.arange(0, GT)
+                gmask = n_ok[:, None] & (g < NG)[None, :]
+                sc = tl.load(s_ptr + s_rows + g[None, :], mask=gmask, other=0.0)
+                mn = tl.load(m_ptr + s_rows + g[None, :], mask=gmask, other=0.0)
+                sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
+                mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
             if PLANES:  # plane j = code j of every word, times the strided columns kw * PW + j of x
                 xmask = m_ok[:, None] & k_ok[None, :]
+                sc, mn = sc.to(tl.float32), mn.to(tl.float32)
                 for j in tl.static_range(PW):
                     wj = _codes_to_float((words >> (j * BITS)) & ((1 << BITS) - 1)) * sc + mn  # [BN, BKW]
                     xj = tl.load(x_rows + (kw * PW + j)[None, :], mask=xmask, other=0.0).to(tl.float32)
                     acc3 += xj[:, None, :] * wj[None, :, :]
             else:
-                w = _dequant_words(words, sc, mn, BITS)  # [BN, BK]
                 kk = kw0 * PW + rk
                 xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
-                if USE_DOT:
-                    if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                        acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
-                else:
+                w = _dequant_words(words, sc.to(tl.float32), mn.to(tl.float32), BITS)  # [BN, BK] fp32
+                if not USE_DOT:
                     acc3 += xk.to(tl.float32)[:, None, :] * w[None, :, :]
+                elif DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                    acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
         if not USE_DOT:
             acc = tl.sum(acc3, axis=2)
 
@@ -195,76 +233,126 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _x_planes_kernel(x_ptr, xp_ptr, K, KW, NG, stride_xm,
-                         BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
-        """x [M, K] -> xp [M, PW * KW + NG] fp32 for _gemv_kernel: plane j (xp[m, j * KW + kw] = x[m, kw * PW + j]
-        * 2**-shift_j, the code's bit offset undone on x, exact) then the sum of x over each group."""
-        PW: tl.constexpr = 32 // BITS
-        WPG: tl.constexpr = GROUP // PW  # words per group
-        m = tl.program_id(1).to(tl.int64)
-        kw = tl.program_id(0) * BKW + tl.arange(0, BKW)
-        j = tl.arange(0, PW)
-        ok = (kw < KW)[:, None]
-        x = tl.load(x_ptr + m * stride_xm + kw[:, None] * PW + j[None, :], mask=ok, other=0.0).to(tl.float32)
-        shift = tl.where(BITS * (j + 1) <= 23, BITS * j, BITS * j - 16)  # as in _gemv_kernel
-        inv = ((127 - shift) << 23).to(tl.float32, bitcast=True)  # 2**-shift, exactly
-        row = xp_ptr + m * (PW * KW + NG)
-        tl.store(row + j[None, :] * KW + kw[:, None], x * inv[None, :], mask=ok)
-        g = tl.program_id(0) * (BKW // WPG) + tl.arange(0, BKW // WPG)
-        gsum = tl.sum(tl.reshape(tl.sum(x, axis=1), (BKW // WPG, WPG)), axis=1)
-        tl.store(row + PW * KW + g, gsum, mask=g < NG)
+    def _pair_shift(p, BITS: tl.constexpr):
+        """Right shift of the word that brings pair p's codes (p and p + PW/2, one per 16-bit half) low
+        enough for the half2 trick: code * 2**pos must stay below 2**10, one fp16 ulp at 1024."""
+        if BITS == 4:
+            return 8 * (p // 2)  # codes at bits 0-3, 4-7 of each half (pos 0, 4)
+        else:
+            return 0 if p < 5 else 10  # pos 0, 2, 4, 6, 8, then 0, 2, 4
 
     @triton.jit
-    def _gemv_kernel(xp_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1):
-        """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's planes (_x_planes_kernel).
-
-        Three arithmetic instructions per code (~4 in the compiled loop, loads and addressing included; ~10 in
-        _dq_mm_kernel's): a code becomes a float in place, (word & mask_j) | 2**23 as float bits
-        = 2**23 + code * 2**shift_j (one LOP3), minus 2**23 (FADD), times x_j * 2**-shift_j (FFMA). The
-        scale multiplies the tile's row sum once ([BN, BKW] tiles lie inside one group) and the min meets
-        the group's x sum once per group: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k. With
-        SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for _splitk_reduce_kernel."""
+    def _x_pairs_kernel(x_ptr, xp_ptr, xg_ptr, KW, NG, stride_xm,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
+        """x [M, K] -> for _gemv_kernel: xp [M, PP, KW] int32, pair p of word kw as half2 (x[kw * PW + p],
+        x[kw * PW + p + PP]) * 256 / amax(group) * 2**-pos_p (pos undone on x, the group scaled to +-256 so
+        fp16 keeps its precision and the per-word sums stay far from overflow); xg [M, 2, NG] fp32: each
+        group's sum of x (for the mins) and amax / 256 (to undo the scaling)."""
         PW: tl.constexpr = 32 // BITS
+        PP: tl.constexpr = PW // 2
+        WPG: tl.constexpr = GROUP // PW  # words per group
+        NGC: tl.constexpr = BKW // WPG  # groups per program
+        m = tl.program_id(1).to(tl.int64)
+        kw = tl.program_id(0) * BKW + tl.arange(0, BKW)
+        ok = kw < KW
+        x_row = x_ptr + m * stride_xm + kw * PW
+        x = tl.load(x_row[:, None] + tl.arange(0, PW)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        gmax = tl.max(tl.reshape(tl.max(tl.abs(x), axis=1), (NGC, WPG)), axis=1)
+        gsum = tl.sum(tl.reshape(tl.sum(x, axis=1), (NGC, WPG)), axis=1)
+        inv = tl.where(gmax > 0, 256.0 / tl.where(gmax > 0, gmax, 1.0), 0.0)
+        inv_w = tl.reshape(tl.broadcast_to(inv[:, None], (NGC, WPG)), (BKW,))
+        out = xp_ptr + m * (PP * KW) + kw
+        for p in tl.static_range(PP):
+            f = inv_w / (1 << (BITS * p - _pair_shift(p, BITS)))
+            lo = (tl.load(x_row + p, mask=ok, other=0.0).to(tl.float32) * f).to(tl.float16)
+            hi = (tl.load(x_row + p + PP, mask=ok, other=0.0).to(tl.float32) * f).to(tl.float16)
+            lo = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = hi.to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(out + p * KW, lo | hi, mask=ok)
+        g = tl.program_id(0) * NGC + tl.arange(0, NGC)
+        tl.store(xg_ptr + m * (2 * NG) + g, gsum, mask=g < NG)
+        tl.store(xg_ptr + m * (2 * NG) + NG + g, gmax / 256.0, mask=g < NG)
+
+    @triton.jit
+    def _word_dot(words, xp_ptr, KW, kw, BITS: tl.constexpr, ASM: tl.constexpr):
+        """[R, W] int32 words times x's pairs at words kw [W] -> [R, W] fp32: per word, sum over its codes of
+        code * x. The PTX (ASM): per pair, (word >> shift) & lane mask | 0x6400 in each half is fp16
+        1024 + code * 2**pos (one LOP3), minus 1024 exactly (HSUB2), times x's half2 into an fp16x2
+        accumulator (HFMA2), the two halves summed in fp32 at the end: ~2 instructions a code where fp32
+        needs 4. Elsewhere (Triton's interpreter cannot run PTX) the same sum in fp32."""
+        PP: tl.constexpr = 16 // BITS
+        if ASM:
+            x0 = tl.load(xp_ptr + kw)[None, :]
+            x1 = tl.load(xp_ptr + KW + kw)[None, :]
+            x2 = tl.load(xp_ptr + 2 * KW + kw)[None, :]
+            x3 = tl.load(xp_ptr + 3 * KW + kw)[None, :]
+            if BITS == 4:
+                r = tl.inline_asm_elementwise(_PTX4, "=r,r,r,r,r,r", [words, x0, x1, x2, x3],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                x4 = tl.load(xp_ptr + 4 * KW + kw)[None, :]
+                x5 = tl.load(xp_ptr + 5 * KW + kw)[None, :]
+                x6 = tl.load(xp_ptr + 6 * KW + kw)[None, :]
+                x7 = tl.load(xp_ptr + 7 * KW + kw)[None, :]
+                r = tl.inline_asm_elementwise(_PTX2, "=r,r,r,r,r,r,r,r,r,r", [words, x0, x1, x2, x3, x4, x5, x6, x7],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            r = tl.zeros(words.shape, dtype=tl.float32)
+            for p in tl.static_range(PP):
+                xp = tl.load(xp_ptr + p * KW + kw)[None, :]
+                lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                sh = _pair_shift(p, BITS)
+                mask = ((1 << BITS) - 1) << (BITS * p - sh)
+                r += ((words >> sh) & mask).to(tl.float32) * lo + ((words >> (sh + 16)) & mask).to(tl.float32) * hi
+        return r
+
+    @triton.jit
+    def _gemv_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1):
+        """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's pairs (_x_pairs_kernel).
+
+        Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
+        so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
+        x's group scaling, undone), and per group the min times the group's x sum. ~2.5 SASS instructions a
+        code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K (BKW words, up to
+        512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of many rows ran at
+        half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for
+        _splitk_reduce_kernel."""
+        PW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PW  # words per group
+        GT: tl.constexpr = BKW // WPG  # whole groups per tile
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rn = pid_n * BN + tl.arange(0, BN)
-        rw = tl.arange(0, BKW)
         n_ok = rn < N
         rn64 = rn.to(tl.int64)
-        x_row = xp_ptr + pid_m.to(tl.int64) * (PW * KW + NG)
+        x_row = xp_ptr + pid_m.to(tl.int64) * (PW // 2 * KW)
+        g_row = xg_ptr + pid_m.to(tl.int64) * (2 * NG)
         w_rows = w_ptr + rn64[:, None] * KW
-        s_rows = s_ptr + rn64 * NG
-        m_rows = m_ptr + rn64 * NG
+        s_rows = s_ptr + rn64[:, None] * NG
+        m_rows = m_ptr + rn64[:, None] * NG
         per_split = KW // SPLIT_K  # a multiple of BKW (the host's configs ensure it)
         kw_lo = pid_k * per_split
-        # 2**23's bit pattern, opaque to the compiler (N >= 0): one register shared by every code's LOP3
-        # instead of a constant rematerialised before each
-        magic = 0x4B000000 | (N >> 31)
-        acc = tl.zeros((BN,), dtype=tl.float32)
+        acc = tl.zeros((BN, GT, WPG), dtype=tl.float32)
+        acc_min = tl.zeros((BN, GT), dtype=tl.float32)
         for kw0 in tl.range(kw_lo, kw_lo + per_split, BKW, num_stages=NUM_STAGES):
-            kw = kw0 + rw
+            kw = kw0 + tl.arange(0, BKW)
             words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None], other=0)
-            hi = (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
-            g = (kw0 * PW) // GROUP
-            sc = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
-            mn = tl.load(m_rows + g, mask=n_ok, other=0.0).to(tl.float32)
-            xg = tl.where((kw0 * PW) % GROUP == 0, tl.load(x_row + PW * KW + g), 0.0)
-            dot = tl.zeros((BN, BKW), dtype=tl.float32)
-            for j in tl.static_range(PW):
-                # code j in place while code * 2**shift stays under the 23-bit mantissa, else from the high half
-                src = words if BITS * (j + 1) <= 23 else hi
-                shift = BITS * j if BITS * (j + 1) <= 23 else BITS * j - 16
-                v = ((src & (((1 << BITS) - 1) << shift)) | magic).to(tl.float32, bitcast=True)
-                dot += (v - 8388608.0) * tl.load(x_row + j * KW + kw)[None, :]
-            acc += tl.sum(dot, axis=1) * sc + xg * mn
+            g = (kw0 * PW) // GROUP + tl.arange(0, GT)
+            sc = tl.load(s_rows + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            mn = tl.load(m_rows + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            sc *= tl.load(g_row + NG + g)[None, :]  # undo x's group scaling
+            acc += tl.reshape(_word_dot(words, x_row, KW, kw, BITS, ASM), (BN, GT, WPG)) * sc[:, :, None]
+            acc_min += mn * tl.load(g_row + g)[None, :]
+        out = tl.sum(tl.sum(acc, axis=2) + acc_min, axis=1)
         if HAS_BIAS:
-            acc += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)
+            out += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)
         offs = pid_m.to(tl.int64) * N + rn
         if SPLIT_K == 1:
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=n_ok)
         else:
-            tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=n_ok)
+            tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=n_ok)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K,
@@ -302,7 +390,8 @@ if HAS_TRITON:
           for bn, bkw, split, warps in ((16, 64, 1, 4), (32, 64, 1, 4), (16, 128, 4, 4), (8, 128, 8, 4))),
         *(_cfg(16, bn, bkw, split, True, warps, stages)
           for bn, bkw, split, warps, stages in ((32, 16, 1, 4, 3), (64, 16, 1, 4, 3), (64, 8, 4, 4, 4),
-                                                (128, 16, 1, 8, 3))),
+                                                (128, 16, 1, 8, 3), (64, 8, 2, 4, 3), (64, 16, 4, 4, 3),
+                                                (64, 16, 8, 4, 3), (64, 32, 2, 4, 3))),
     ]
     MID_CONFIGS = [
         _cfg(bm, bn, bkw, 1, True, warps, stages)
@@ -334,30 +423,27 @@ if HAS_TRITON:
     )(_dq_mm_kernel)
 
 
-    # NUM_STAGES: tiles in flight per program (tl.range pipelines the weight loads through shared memory
-    # with cp.async; without it a program waits out each load's latency)
-    GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split, "NUM_STAGES": stages}, num_warps=warps)
-                    for bn, warps in ((64, 4), (128, 4), (256, 8)) for bkw in (2, 4, 8, 16) for split in (1, 2, 4, 8)
-                    for stages in (1, 3)]
+    # NUM_STAGES (kernel default 1) stays out of the tuned space: pipelining the loads through shared memory
+    # gained nothing once tiles were wide (H100 sweep, scripts/gemv_sweep.py)
+    GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps)
+                    for bn, warps in ((32, 2), (64, 4), (128, 4), (128, 8)) for bkw in (8, 16, 32, 64, 128)
+                    for split in (1, 2, 4, 8, 16)]
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
 
     def _prune_gemv(configs, named_args, **kwargs):
-        """Tiles inside one group, whole tiles per split, and of the splits that fill the GPU (or the
-        smallest one that comes closest) the two smallest: more splits only add partial sums."""
+        """Tiles of whole groups, whole tiles per split, 16-32 words a thread (H100: 8 ran at 2/3 of the
+        bandwidth, 64 spilled into fewer programs per SM) and 1-8 programs per SM (or the split closest)."""
         args = {**named_args, **kwargs}
-        pw, kwn, n = 32 // args["BITS"], args["KW"], args["N"]
-        ok = [c for c in configs if c.kwargs["BKW"] * pw <= args["GROUP"]
-              and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
-        out = []
-        for bn in sorted({c.kwargs["BN"] for c in ok}):
-            same = [c for c in ok if c.kwargs["BN"] == bn]
-            bkw = max(c.kwargs["BKW"] for c in same)  # the largest tile that fits the group
-            same = [c for c in same if c.kwargs["BKW"] == bkw]
-            splits = sorted({c.kwargs["SPLIT_K"] for c in same})
-            full = [s for s in splits if -(-n // bn) * s >= MIN_PROGRAMS] or splits[-1:]
-            keep = full[:2]
-            out += [c for c in same if c.kwargs["SPLIT_K"] in keep]
-        return out  # never empty: BKW = 2 words, SPLIT_K = 1 fits every group size and K
+        wpg, kwn, n = args["GROUP"] * args["BITS"] // 32, args["KW"], args["N"]
+        ok = [c for c in configs if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
+              and 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32]
+        fill = [c for c in ok if MIN_PROGRAMS <= -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= 8 * MIN_PROGRAMS]
+        if fill:
+            return fill
+        # small N and K (tests, toy models): the most programs the shape allows
+        ok = [c for c in configs if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
+        most = max(-(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] for c in ok)
+        return [c for c in ok if -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] == most][:4]
 
     _gemv_tuned = triton.autotune(
         configs=GEMV_CONFIGS, key=["N", "KW", "BITS", "GROUP", "HAS_BIAS"],
@@ -404,20 +490,21 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
 
 
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
-    """Decode rows: x's planes (one small kernel), the GEMV kernel per row, the split-K reduction."""
+    """Decode rows: x's pairs (one small kernel), the GEMV kernel per row, the split-K reduction."""
     m, (n, k) = x2.shape[0], qw.shape
     pw = 32 // qw.bits
     kw, ng = k // pw, k // qw.group_size
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
-        bkw = min(8, qw.group_size // pw)
+        bkw = qw.group_size // pw  # one group
         config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
-    xp = torch.empty((m, pw * kw + ng), dtype=torch.float32, device=x2.device)
+    xp = torch.empty((m, pw // 2 * kw), dtype=torch.int32, device=x2.device)
+    xg = torch.empty((m, 2 * ng), dtype=torch.float32, device=x2.device)
     bkw_x = max(64, qw.group_size // pw)  # whole groups per program
-    _x_planes_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, k, kw, ng, x2.stride(0), BITS=qw.bits,
-                                                  GROUP=qw.group_size, BKW=bkw_x)
+    _x_pairs_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, xg, kw, ng, x2.stride(0), BITS=qw.bits,
+                                                 GROUP=qw.group_size, BKW=bkw_x)
     max_split = int(config["SPLIT_K"]) if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
-    inputs = (xp, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
-    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None)
+    inputs = (xp, xg, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
+    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting())
     return _launch_split_k(_gemv_kernel, _gemv_tuned, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])),
                            inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2)
 

@@ -48,10 +48,10 @@ def test_matches_reference(bits, group, m, bias):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m,bias,split", [(1, True, 1), (1, False, 3), (3, True, 2)])
 def test_gemv_kernel_matches_reference(bits, group, m, bias, split):
-    """The decode GEMV kernel (codes read in place, x by planes, scale per tile row sum): N = 40 is not a
-    multiple of BN = 16; K = 6 groups in 1..3 splits; tiles of the whole group or half of it."""
+    """The decode GEMV kernel (x by half2 pairs, per word code-times-x sums, scales per group): N = 40 is not
+    a multiple of BN = 16; K = 6 groups in 1..3 splits; tiles of one group or two."""
     x, qw, b, ref = _case(m, 40, 6 * group, bits, group, dtype=torch.float16, bias=bias, seed=bits * group + m)
-    bkw = group // (32 // bits) // (2 if split == 2 else 1)
+    bkw = group // (32 // bits) * (1 if split == 2 else 2)
     config = {"BN": 16, "BKW": bkw, "SPLIT_K": split, "NUM_STAGES": 3 if split == 3 else 1}
     y = dequant_linear_triton(x, qw, b, config=config, path="gemv")
     assert y.shape == (m, 40) and not y.isnan().any()
@@ -63,13 +63,13 @@ def test_gemv_kernel_matches_reference(bits, group, m, bias, split):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (40, 96 * 32)])
 def test_gemv_autotune_space_fits_the_kernel(bits, group, n, k):
-    """Every tuned GEMV tile lies in one group and every split covers whole tiles (the kernel relies on both)."""
+    """Every tuned GEMV tile covers whole groups and every split whole tiles (the kernel relies on both)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     kw = k * bits // 32
     configs = dl._prune_gemv(dl.GEMV_CONFIGS, {"BITS": bits, "GROUP": group, "KW": kw, "N": n})
     assert configs
     for c in configs:
-        assert c.kwargs["BKW"] * 32 // bits <= group and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
+        assert c.kwargs["BKW"] * 32 // bits % group == 0 and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
 
 
 @needs_kernel
@@ -78,6 +78,20 @@ def test_fp16_leading_dims_and_tile_config():
     y = dequant_linear_triton(x, qw, b, config={"BM": 8, "BN": 32, "BKW": 16, "SPLIT_K": 1, "USE_DOT": False})
     assert y.shape == (2, 3, 48) and y.dtype == torch.float16
     assert _rel(y, ref) < 2e-3  # fp16 output rounding only
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 128])
+def test_tensor_core_tiles_of_whole_groups(bits, dtype, group):
+    """Tensor-core decode tiles spanning several groups (scales repeated over their words in registers) or
+    inside one, for both input dtypes."""
+    config = {"BM": 16, "BN": 16, "BKW": 8 * 4 // bits, "SPLIT_K": 2, "USE_DOT": True}
+    x, qw, b, ref = _case(13, 40, 4 * 128, bits, group, dtype=dtype, seed=bits + group)
+    y = dequant_linear_triton(x, qw, b, config=config)
+    assert y.dtype == dtype and not y.isnan().any()
+    assert _rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)  # operand and output rounding
 
 
 @needs_kernel
@@ -149,10 +163,11 @@ def test_bad_arguments_raise_value_error_naming_them(mutate, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("m", [1, 16, 64, 4096])
-def test_gpu_real_sizes(bits, m):
-    x, qw, b, ref = _case(m, 14336, 4096, bits, 128, seed=m)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_sizes(bits, m, dtype):
+    x, qw, b, ref = _case(m, 14336, 4096, bits, 128, dtype=dtype, seed=m)
     y = dequant_linear(x, qw, b)
-    assert _rel(y, ref) < 1e-2  # bf16 operands and output
+    assert y.dtype == dtype and _rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)  # operand, output rounding
 
 
 @pytest.mark.gpu

@@ -1,0 +1,69 @@
+"""Time the decode kernels over their config space on the GPU (CUDA-graph replay), to shape the tuned spaces.
+python scripts/gemv_sweep.py OUT_DIR [M ...]   (M = 1: the GEMV kernel; M > 1: _dq_mm_kernel)"""
+import csv
+import itertools
+import sys
+
+import torch
+
+from ttha.kernels.bench import graph_us, rotating
+from ttha.kernels.dequant_linear import dequant_linear_triton
+from ttha.quant import quantize
+
+out = sys.argv[1] if len(sys.argv) > 1 else "."
+ms = [int(a) for a in sys.argv[2:]] or [1]
+
+
+def configs(m, k, n, bits):
+    kw, wpg, pw = k * bits // 32, 128 // (32 // bits), 32 // bits
+    if m == 1:
+        for (bn, warps), bkw, split in itertools.product(
+                [(32, 2), (64, 4), (128, 4), (256, 8)], [wpg, 32, 64, 128, 256], [1, 2, 4, 8, 16]):
+            if kw % (split * bkw) or bkw % wpg or bn * bkw > 64 * 32 * warps:
+                continue
+            if -(-n // bn) * split < 132 or -(-n // bn) * split > 132 * 8:
+                continue
+            yield {"BN": bn, "BKW": bkw, "SPLIT_K": split, "num_warps": warps}
+        return
+    dot = m > 4
+    for bn, bkw, split, warps, stages in itertools.product(
+            [16, 32, 64] if dot else [8, 16, 32], [8, 16, 32, 64], [1, 2, 4, 8], [4], [3] if dot else [1]):
+        if dot and bn * bkw * pw > 64 * 256 * warps // 4:
+            continue
+        if not dot and (m * bn * bkw * pw > 64 * 32 * warps or bkw * pw < 128):
+            continue
+        if -(-n // bn) * split < 132 or -(-n // bn) * split > 132 * 8:
+            continue
+        yield {"BM": 16 if dot else m, "BN": bn, "BKW": bkw, "SPLIT_K": split, "USE_DOT": dot, "num_warps": warps,
+               "num_stages": stages}
+
+
+rows = []
+for m in ms:
+    for k, n in [(4096, 14336), (14336, 4096), (8192, 28672)]:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device="cuda") / k**0.5
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for bits in (4, 2):
+            q = quantize(w, bits, 128)
+            qs = rotating(lambda: quantize(w, bits, 128), q.nbytes)
+            best = None
+            path = "gemv" if m == 1 else "fused"
+            for cfg in configs(m, k, n, bits):
+                try:
+                    t = graph_us(lambda q_: dequant_linear_triton(x, q_, config=cfg, path=path), qs)
+                except Exception as exc:
+                    print("fail", cfg, str(exc)[:200])
+                    continue
+                gbs = q.nbytes / (t * 1e-6) / 1e9
+                rows.append(dict(M=m, K=k, N=n, bits=bits, cfg=str(cfg), us=t, GBps=gbs))
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best:
+                print(f"M{m} K{k} N{n} int{bits}: best {best[0]:.1f} us {q.nbytes / best[0] / 1e3:.0f} GB/s {best[1]}",
+                      flush=True)
+            del qs
+with open(f"{out}/gemv_sweep.csv", "w", newline="") as f:
+    wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+    wr.writeheader()
+    wr.writerows(rows)
