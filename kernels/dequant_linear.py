@@ -431,8 +431,9 @@ if HAS_TRITON:
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
 
     def _prune_gemv(configs, named_args, **kwargs):
-        """Tiles of whole groups, whole tiles per split, 16-32 words a thread (H100: 8 ran at 2/3 of the
-        bandwidth, 64 spilled into fewer programs per SM) and 1-8 programs per SM (or the split closest)."""
+        """Tiles of whole groups, whole tiles per split, 16-32 words a thread (where the best tiles of the H100
+        sweep lay, scripts/gemv_sweep.py) and 1-8 programs per SM; shapes too small for that get the
+        configs with the most programs."""
         args = {**named_args, **kwargs}
         wpg, kwn, n = args["GROUP"] * args["BITS"] // 32, args["KW"], args["N"]
         ok = [c for c in configs if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0

@@ -203,3 +203,63 @@ def test_autotune_space_fits_each_regime(bits, group, m_bucket):
             assert kw["BM"] == m_bucket <= dl.SMALL_M
             acc = kw["BM"] * kw["BN"] * kw["BKW"] * (1 if kw["PLANES"] else 32 // bits)
             assert acc <= 64 * 32 * c.num_warps
+
+
+def _run_word_dot_ptx(ptx: str, word: int, pairs: list) -> float:
+    """A tiny simulator for the handful of PTX instructions _word_dot_ptx emits (numpy fp16 arithmetic,
+    each op rounded once as the hardware does), so the CPU suite checks the PTX the GPU runs."""
+    import re
+
+    import numpy as np
+
+    regs = {"$1": np.uint32(word & 0xFFFFFFFF)}
+    regs.update({f"${i + 2}": np.uint32(p) for i, p in enumerate(pairs)})
+    h2 = lambda r: np.frombuffer(np.uint32(regs[r]).tobytes(), dtype=np.float16).astype(np.float64)  # noqa: E731
+    put = lambda r, v: regs.__setitem__(r, np.frombuffer(np.asarray(v).astype(np.float16).tobytes(),  # noqa: E731
+                                                            dtype=np.uint32)[0])
+    for line in ptx.splitlines():
+        op, *args = re.split(r"[\s,]+", line.strip().rstrip(";")) if line.strip() not in "{}" else [""]
+        if op == "mov.b32" and args[0].startswith("{"):  # split a half2 into two halves
+            regs["lo"], regs["hi"] = h2(args[2])
+        elif op == "mov.b32":
+            regs[args[0]] = np.uint32(int(args[1], 16))
+        elif op == "lop3.b32":  # 0xEA: (a & b) | c
+            regs[args[0]] = np.uint32((int(regs[args[1]]) & int(args[2], 16)) | int(regs[args[3]]))
+        elif op == "shr.u32":
+            regs[args[0]] = np.uint32(int(regs[args[1]]) >> int(args[2]))
+        elif op == "sub.f16x2":
+            put(args[0], h2(args[1]) - h2(args[2]))
+        elif op == "mul.f16x2":
+            put(args[0], h2(args[1]) * h2(args[2]))
+        elif op == "fma.rn.f16x2":
+            put(args[0], h2(args[1]) * h2(args[2]) + h2(args[3]))
+        elif op == "cvt.f32.f16":
+            regs[args[0]] = regs[args[1]]
+        elif op == "add.f32":
+            return float(np.float32(regs[args[1]]) + np.float32(regs[args[2]]))
+        elif op and not op.startswith("."):
+            raise AssertionError(f"unsimulated PTX: {line}")
+    raise AssertionError("no result")
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits", [4, 2])
+def test_word_dot_ptx_sums_code_times_x(bits):
+    """The PTX the GEMV runs on CUDA, simulated: every code of random words, read in place and times x's
+    half2 pairs (scaled by 2**-pos as _x_pairs_kernel writes them), sums to sum_j code_j * x_j."""
+    import numpy as np
+
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    rng = np.random.default_rng(bits)
+    pw, ptx = 32 // bits, dl._word_dot_ptx(bits)
+    for _ in range(50):
+        codes = rng.integers(0, 2**bits, pw)
+        x = rng.uniform(-256, 256, pw)
+        word = sum(int(c) << (bits * j) for j, c in enumerate(codes))
+        pairs = []
+        for p, (_sh, pos) in enumerate(dl._pair_shifts(bits)):
+            lo, hi = np.float16(x[p] * 2.0**-pos), np.float16(x[p + pw // 2] * 2.0**-pos)
+            pairs.append(int(np.array([lo, hi]).view(np.uint32)[0]))
+        exact = float(sum(codes * x))
+        got = _run_word_dot_ptx(ptx, word, pairs)
+        assert abs(got - exact) <= 4e-3 * float(np.sum(np.abs(codes * x))) + 1e-3, (codes, x, got, exact)
