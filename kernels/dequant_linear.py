@@ -428,6 +428,7 @@ if HAS_TRITON:
     GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps)
                     for bn, warps in ((32, 2), (64, 4), (128, 4), (128, 8)) for bkw in (8, 16, 32, 64, 128)
                     for split in (1, 2, 4, 8, 16)]
+    GEMV_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)  # sizes the partial-sum buffer
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
 
     def _prune_gemv(configs, named_args, **kwargs):
@@ -436,15 +437,16 @@ if HAS_TRITON:
         configs with the most programs."""
         args = {**named_args, **kwargs}
         wpg, kwn, n = args["GROUP"] * args["BITS"] // 32, args["KW"], args["N"]
-        ok = [c for c in configs if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
-              and 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32]
-        fill = [c for c in ok if MIN_PROGRAMS <= -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= 8 * MIN_PROGRAMS]
+        fits = [c for c in configs  # whole groups a tile, whole tiles a split
+                if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
+        programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
+        fill = [c for c in fits if 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32
+                and MIN_PROGRAMS <= programs(c) <= 8 * MIN_PROGRAMS]
         if fill:
             return fill
         # small N and K (tests, toy models): the most programs the shape allows
-        ok = [c for c in configs if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
-        most = max(-(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] for c in ok)
-        return [c for c in ok if -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] == most][:4]
+        most = max(programs(c) for c in fits)
+        return [c for c in fits if programs(c) == most][:4]
 
     _gemv_tuned = triton.autotune(
         configs=GEMV_CONFIGS, key=["N", "KW", "BITS", "GROUP", "HAS_BIAS"],
@@ -503,7 +505,7 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
     bkw_x = max(64, qw.group_size // pw)  # whole groups per program
     _x_pairs_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, xg, kw, ng, x2.stride(0), BITS=qw.bits,
                                                  GROUP=qw.group_size, BKW=bkw_x)
-    max_split = int(config["SPLIT_K"]) if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
+    max_split = int(config["SPLIT_K"]) if config is not None else GEMV_MAX_SPLIT
     inputs = (xp, xg, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting())
     return _launch_split_k(_gemv_kernel, _gemv_tuned, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])),
