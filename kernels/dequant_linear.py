@@ -14,10 +14,9 @@ Four regimes, picked from M (rows of x):
 - M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
   weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
   (tl.join; each group's (scale, min) repeated over its words) and multiplied with a contiguous [BM, BK]
-  slice of x, on the FMA
-  units for few rows or on tensor cores; the autotuner also tries the older "planes" variant (no
-  unpacking; strided x). Split-K (a third grid axis, partial sums reduced by a second small kernel)
-  keeps every SM streaming when N / BN is small.
+  slice of x, on the FMA units for few rows or on tensor cores (dequantized into x's dtype by PTX); the
+  autotuner also tries the older "planes" variant (no unpacking; strided x). Split-K (a third grid axis,
+  partial sums reduced by a second small kernel) keeps every SM streaming when N / BN is small.
 - SMALL_M < M < LARGE_M: the same kernel on tensor cores, larger tiles (`path="fused"` forces it).
 - M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the same K-order
   unpacking), then cuBLAS multiplies (`path="dequant"` forces it). Dequantizing costs one pass over
@@ -39,8 +38,9 @@ GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
                 # _dq_mm_kernel; replayed from a graph the GEMV runs 2.2-4.4x of bf16 vs 1.5-2.3x (H100)
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
-LARGE_M = 64    # at or above: dequantize once, then cuBLAS (measured on the H100: 0.9x of bf16 at M = 4096,
-                # where the fused tensor-core kernel of 2026-11-23 ran at 0.07-0.2x for M = 64..256)
+LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: 0.9x of bf16 at M = 4096; at M = 256 it beat
+                # the fused kernel, 122-516 us against 166-599). Below, the fused kernel: at M = 64 it ran
+                # int4 in 49 / 99 / 176 us where dequantizing first took 119 / 122 / 489 (bench shapes)
 MAX_SPLIT_K = 8  # largest split in the tuned configs (sizes the partial-sum buffer)
 
 
@@ -77,16 +77,43 @@ def check_args(x, qw, bias) -> None:
             raise ValueError(f"bias: on {bias.device}, x on {x.device}")
 
 
-def _pair_shifts(bits: int) -> list[tuple[int, int]]:
+def _pair_shifts(bits: int, mant: int = 10) -> list[tuple[int, int]]:
     """(word shift, bit position) of each half2 pair p of a word: its two codes (p and p + PW/2, one per 16-bit
-    half) sit at `pos` after the shift, with code * 2**pos below 2**10 (exact above fp16's 1024). The same
-    rule as _pair_shift in the kernels."""
+    half) sit at `pos` after the shift, with code * 2**pos below 2**mant (fp16: 10 mantissa bits, bf16: 7), so
+    ORed into the mantissa of 2**(mant - pos) they read as 2**(mant - pos) + code exactly. The same rule
+    (fp16) as _pair_shift in the kernels."""
     out, sh = [], 0
     for p in range(16 // bits):
-        if bits * (p + 1) - sh > 10:
+        if bits * (p + 1) - sh > mant:
             sh = bits * p
         out.append((sh, bits * p - sh))
     return out
+
+
+def _dequant_ptx(bits: int, bf16: bool) -> str:
+    """PTX for _dequant_pairs: the PW codes of word $PW as fp16/bf16 code * $PW+1 + $PW+2 (scale, min), code j
+    into output bitrev(j) (the tl.join tree that assembles them reverses the bits of the index). Per pair:
+    (word >> shift) & lanes | 2**(mant - pos) in each half (one LOP3), minus 2**(mant - pos) exactly, then
+    one fused multiply-add by (scale, min), rounded once."""
+    pw, mant = 32 // bits, (7 if bf16 else 10)
+    nbit = pw.bit_length() - 1
+    rev = [int(f"{j:0{nbit}b}"[::-1], 2) for j in range(pw)]
+    w, s, m = f"${pw}", f"${pw + 1}", f"${pw + 2}"
+    ty = "bf16x2" if bf16 else "f16x2"
+    lines = ["{", ".reg .b32 s2, m2, t, u, k, nk, one;", f"mov.b32 s2, {{{s}, {s}}};", f"mov.b32 m2, {{{m}, {m}}};",
+             f"mov.b32 one, {0x3F803F80 if bf16 else 0x3C003C00:#010x};"]
+    src, cur = w, 0
+    for p, (sh, pos) in enumerate(_pair_shifts(bits, mant)):
+        if sh != cur:
+            lines.append(f"shr.u32 u, {w}, {sh};")
+            src, cur = "u", sh
+        magic = ((127 + mant - pos) << 7) if bf16 else ((15 + mant - pos) << 10)  # 2**(mant - pos)
+        lines += [f"mov.b32 k, {magic * 0x10001:#010x};", f"mov.b32 nk, {(magic | 0x8000) * 0x10001:#010x};",
+                  f"lop3.b32 t, {src}, {((1 << bits) - 1 << pos) * 0x10001:#010x}, k, 0xEA;",  # (src & lanes) | k
+                  f"fma.rn.{ty} t, t, one, nk;",  # minus 2**(mant - pos): the code, exactly
+                  f"fma.rn.{ty} t, t, s2, m2;",
+                  f"mov.b32 {{${rev[p]}, ${rev[p + pw // 2]}}}, t;"]
+    return "\n".join(lines + ["}"])
 
 
 def _word_dot_ptx(bits: int) -> str:
@@ -109,6 +136,8 @@ def _word_dot_ptx(bits: int) -> str:
 if HAS_TRITON:
     _PTX4 = tl.constexpr(_word_dot_ptx(4))
     _PTX2 = tl.constexpr(_word_dot_ptx(2))
+    _DQ4_F16, _DQ4_BF16 = tl.constexpr(_dequant_ptx(4, False)), tl.constexpr(_dequant_ptx(4, True))
+    _DQ2_F16, _DQ2_BF16 = tl.constexpr(_dequant_ptx(2, False)), tl.constexpr(_dequant_ptx(2, True))
 
 
     @triton.jit
@@ -133,20 +162,50 @@ if HAS_TRITON:
         return tl.reshape(w, (words.shape[0], words.shape[1] * (32 // BITS)))
 
     @triton.jit
+    def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+        return tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+
+    @triton.jit
+    def _dequant_pairs(words, sc, mn, BITS: tl.constexpr):
+        """[R, W] int32 words -> [R, W * PW] in K order, in the dtype of sc and mn (fp16 or bf16; per word
+        [R, W] or per row [R, 1]), by PTX (_dequant_ptx): ~1.5 instructions a code where _dequant_words'
+        fp32 takes ~5 and a convert."""
+        if BITS == 4:
+            ptx: tl.constexpr = _DQ4_BF16 if sc.dtype == tl.bfloat16 else _DQ4_F16
+            c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, sc, mn],
+                                          dtype=(sc.dtype,) * 8, is_pure=True, pack=1)
+            w = _join8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
+        else:
+            ptx: tl.constexpr = _DQ2_BF16 if sc.dtype == tl.bfloat16 else _DQ2_F16
+            c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                                          [words, sc, mn], dtype=(sc.dtype,) * 16, is_pure=True, pack=1)
+            w = tl.join(_join8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]),
+                        _join8(c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]))
+        return tl.reshape(w, (words.shape[0], words.shape[1] * (32 // BITS)))
+
+    @triton.jit
+    def _group_params(s_ptr, m_ptr, s_rows, n_ok, g0, g_hi, GT: tl.constexpr):
+        """(scale, min) [R, GT] of groups g0 .. g0 + GT - 1 of rows s_rows [R, 1], zeros from group g_hi on."""
+        g = g0 + tl.arange(0, GT)[None, :]
+        mask = n_ok[:, None] & (g < g_hi)
+        return (tl.load(s_ptr + s_rows + g, mask=mask, other=0.0),
+                tl.load(m_ptr + s_rows + g, mask=mask, other=0.0))
+
+    @triton.jit
     def _dq_mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET, stride_xm,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
-                      USE_DOT: tl.constexpr, PLANES: tl.constexpr = False):
+                      USE_DOT: tl.constexpr, PLANES: tl.constexpr = False, ASM: tl.constexpr = False):
         """y = x @ dequant(w).T (+ bias) [M, N] (contiguous); with SPLIT_K > 1 each K range writes fp32
         partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y.
 
-        Per tile of [BN, BKW] words: one (scale, min) per row when the tile lies in one group, else per
-        word (on the H100 per-word loads ran M = 16 at 0.48x of bf16, per-row at 1.23x); the words
-        unpacked in K order to [BN, BK] (_dequant_words) and x read contiguously [BM, BK]. Tensor cores
-        (USE_DOT) or, for few rows, the FMA units into a [BM, BN, BK] accumulator reduced once after the
-        loop (none inside it). PLANES (FMA only): no unpacking shuffles; plane j of the words meets the
-        strided columns kw * PW + j of x (L1-resident), into a [BM, BN, BKW] accumulator. The autotuner
-        picks among all of these."""
+        Per tile of [BN, BKW] words: one (scale, min) per row and group (the tile's group, or its whole
+        groups repeated over their words in registers), loaded a tile ahead; the words unpacked in K order
+        to [BN, BK] and x read contiguously [BM, BK]. Tensor cores (USE_DOT; with ASM the words become x's
+        dtype by PTX, _dequant_pairs, else fp32 by _dequant_words) or, for few rows, the FMA units into a
+        [BM, BN, BK] accumulator reduced once after the loop (none inside it). PLANES (FMA only): no
+        unpacking shuffles; plane j of the words meets the strided columns kw * PW + j of x (L1-resident),
+        into a [BM, BN, BKW] accumulator. The autotuner picks among all of these."""
         PW: tl.constexpr = 32 // BITS  # codes per int32 word
         BK: tl.constexpr = BKW * PW
         # Tiles start at multiples of BK (split ranges are whole tiles) and BK, GROUP are powers of two.
@@ -176,20 +235,18 @@ if HAS_TRITON:
             acc3 = tl.zeros((BM, BN, BKW), dtype=tl.float32)
         else:
             acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        # (scale, min) [BN, GT] loaded one tile ahead: too small for Triton's cp.async pipelining, a plain
+        # load put a DRAM round trip on every iteration (the M = 16 limit on the H100)
+        g_hi = tl.cdiv(kw_hi * PW, GROUP)  # past this split's groups (a tile may share its last group)
+        sc_next, mn_next = _group_params(s_ptr, m_ptr, s_rows, n_ok, (kw_lo * PW) // GROUP, g_hi, GT)
         for kw0 in range(kw_lo, kw_hi, BKW):
             kw = kw0 + rw
             k_ok = kw < kw_hi
             wmask = n_ok[:, None] & k_ok[None, :]
             words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
-            if ROW_SCALE:  # the tile lies in one group: one (scale, min) per row, [BN, 1]
-                soff = s_rows + (kw0 * PW) // GROUP
-                sc = tl.load(s_ptr + soff, mask=n_ok[:, None], other=0.0)
-                mn = tl.load(m_ptr + soff, mask=n_ok[:, None], other=0.0)
-            else:  # whole groups: one (scale, min) per row and group [BN, GT], repeated over its words in registers
-                g = (kw0 * PW) // GROUP + tl.arange(0, GT)
-                gmask = n_ok[:, None] & (g < NG)[None, :]
-                sc = tl.load(s_ptr + s_rows + g[None, :], mask=gmask, other=0.0)
-                mn = tl.load(m_ptr + s_rows + g[None, :], mask=gmask, other=0.0)
+            sc, mn = sc_next, mn_next
+            sc_next, mn_next = _group_params(s_ptr, m_ptr, s_rows, n_ok, ((kw0 + BKW) * PW) // GROUP, g_hi, GT)
+            if not ROW_SCALE:  # whole groups: each group's (scale, min) repeated over its words in registers
                 sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
                 mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
             if PLANES:  # plane j = code j of every word, times the strided columns kw * PW + j of x
@@ -202,13 +259,17 @@ if HAS_TRITON:
             else:
                 kk = kw0 * PW + rk
                 xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
-                w = _dequant_words(words, sc.to(tl.float32), mn.to(tl.float32), BITS)  # [BN, BK] fp32
-                if not USE_DOT:
-                    acc3 += xk.to(tl.float32)[:, None, :] * w[None, :, :]
-                elif DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                    acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                if USE_DOT and ASM:  # dequantized by PTX straight into x's dtype, [BN, BK]
+                    w = _dequant_pairs(words, sc.to(xk.dtype), mn.to(xk.dtype), BITS)
+                    acc = tl.dot(xk, tl.trans(w), acc)
                 else:
-                    acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+                    w = _dequant_words(words, sc.to(tl.float32), mn.to(tl.float32), BITS)  # [BN, BK] fp32
+                    if not USE_DOT:
+                        acc3 += xk.to(tl.float32)[:, None, :] * w[None, :, :]
+                    elif DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                        acc = tl.dot(xk.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
         if not USE_DOT:
             acc = tl.sum(acc3, axis=2)
 
@@ -424,7 +485,8 @@ if HAS_TRITON:
 
 
     # NUM_STAGES (kernel default 1) stays out of the tuned space: pipelining the loads through shared memory
-    # gained nothing once tiles were wide (H100 sweep, scripts/gemv_sweep.py)
+    # gained nothing once tiles were wide (H100 sweep, scripts/gemv_sweep.py); so did loading each tile one
+    # iteration ahead in registers (int4 57.6 -> 65.0 us at 8192x28672)
     GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps)
                     for bn, warps in ((32, 2), (64, 4), (128, 4), (128, 8)) for bkw in (8, 16, 32, 64, 128)
                     for split in (1, 2, 4, 8, 16)]
@@ -486,7 +548,8 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
     inputs = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
-    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, DOT_F32=interpreting())
+    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, DOT_F32=interpreting(),
+                ASM=not interpreting())
     return _launch_split_k(_dq_mm_kernel, _dq_mm_tuned,
                            lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), int(c["SPLIT_K"])),
                            inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2)

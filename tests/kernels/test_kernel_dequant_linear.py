@@ -205,41 +205,93 @@ def test_autotune_space_fits_each_regime(bits, group, m_bucket):
             assert acc <= 64 * 32 * c.num_warps
 
 
-def _run_word_dot_ptx(ptx: str, word: int, pairs: list) -> float:
-    """A tiny simulator for the handful of PTX instructions _word_dot_ptx emits (numpy fp16 arithmetic,
-    each op rounded once as the hardware does), so the CPU suite checks the PTX the GPU runs."""
-    import re
-
+def _half(bits: int, bf16: bool) -> float:
+    """A 16-bit fp16/bf16 bit pattern as a float."""
     import numpy as np
 
-    regs = {"$1": np.uint32(word & 0xFFFFFFFF)}
-    regs.update({f"${i + 2}": np.uint32(p) for i, p in enumerate(pairs)})
-    h2 = lambda r: np.frombuffer(np.uint32(regs[r]).tobytes(), dtype=np.float16).astype(np.float64)  # noqa: E731
-    put = lambda r, v: regs.__setitem__(r, np.frombuffer(np.asarray(v).astype(np.float16).tobytes(),  # noqa: E731
-                                                            dtype=np.uint32)[0])
+    if bf16:
+        return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def _to_half(v: float, bf16: bool) -> int:
+    """v rounded once (to nearest even) to fp16/bf16, as its bit pattern."""
+    import numpy as np
+
+    if not bf16:
+        return int(np.array([v], dtype=np.float16).view(np.uint16)[0])
+    u = int(np.array([v], dtype=np.float32).view(np.uint32)[0])  # exact here: the test's values fit fp32
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _simulate_ptx(ptx: str, regs: dict) -> dict:
+    """A tiny simulator for the handful of PTX instructions the kernels' inline PTX uses: integer registers as
+    bit patterns, each half2 op rounded once as the hardware does. So the CPU suite checks the PTX the GPU
+    runs. `regs` holds the operands ($1, ...); returns every register."""
+    import re
+
+    regs = dict(regs)
+    halves = lambda r, bf: (_half(regs[r] & 0xFFFF, bf), _half(regs[r] >> 16, bf))  # noqa: E731
     for line in ptx.splitlines():
-        op, *args = re.split(r"[\s,]+", line.strip().rstrip(";")) if line.strip() not in "{}" else [""]
-        if op == "mov.b32" and args[0].startswith("{"):  # split a half2 into two halves
-            regs["lo"], regs["hi"] = h2(args[2])
-        elif op == "mov.b32":
-            regs[args[0]] = np.uint32(int(args[1], 16))
+        line = line.strip().rstrip(";")
+        if line in ("{", "}", "") or line.startswith(".reg"):
+            continue
+        if split := re.fullmatch(r"mov\.b32 \{(\S+), (\S+)\}, (\S+)", line):  # a register into two halves
+            regs[split[1]], regs[split[2]] = regs[split[3]] & 0xFFFF, regs[split[3]] >> 16
+            continue
+        if pack := re.fullmatch(r"mov\.b32 (\S+), \{(\S+), (\S+)\}", line):  # two halves into a register
+            regs[pack[1]] = (regs[pack[2]] & 0xFFFF) | (regs[pack[3]] & 0xFFFF) << 16
+            continue
+        op, *a = re.split(r"[\s,]+", line)
+        if op == "mov.b32":
+            regs[a[0]] = int(a[1], 16)
         elif op == "lop3.b32":  # 0xEA: (a & b) | c
-            regs[args[0]] = np.uint32((int(regs[args[1]]) & int(args[2], 16)) | int(regs[args[3]]))
+            assert a[4] == "0xEA"
+            regs[a[0]] = (regs[a[1]] & int(a[2], 16)) | regs[a[3]]
         elif op == "shr.u32":
-            regs[args[0]] = np.uint32(int(regs[args[1]]) >> int(args[2]))
-        elif op == "sub.f16x2":
-            put(args[0], h2(args[1]) - h2(args[2]))
-        elif op == "mul.f16x2":
-            put(args[0], h2(args[1]) * h2(args[2]))
-        elif op == "fma.rn.f16x2":
-            put(args[0], h2(args[1]) * h2(args[2]) + h2(args[3]))
+            regs[a[0]] = regs[a[1]] >> int(a[2])
+        elif op.endswith(("f16x2", "bf16x2")):
+            bf = op.endswith("bf16x2")
+            xs = [halves(r, bf) for r in a[1:]]
+            f = {"sub": lambda p, q: p - q, "mul": lambda p, q: p * q,
+                 "fma": lambda p, q, c: p * q + c}[op.split(".")[0]]
+            lo, hi = (_to_half(f(*(x[i] for x in xs)), bf) for i in (0, 1))
+            regs[a[0]] = lo | hi << 16
         elif op == "cvt.f32.f16":
-            regs[args[0]] = regs[args[1]]
+            regs[a[0]] = _half(regs[a[1]], False)
         elif op == "add.f32":
-            return float(np.float32(regs[args[1]]) + np.float32(regs[args[2]]))
-        elif op and not op.startswith("."):
+            import numpy as np
+
+            regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
+        else:
             raise AssertionError(f"unsimulated PTX: {line}")
-    raise AssertionError("no result")
+    return regs
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequant_ptx_gives_codes_in_k_order(bits, bf16):
+    """The PTX the decode matmul dequantizes with on CUDA, simulated: each code of random words comes out as
+    code * scale + min rounded once to fp16/bf16, at the output that the kernel's tl.join tree (stack along
+    a new last axis) and reshape put back at the code's K position."""
+    import numpy as np
+
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    rng = np.random.default_rng(bits + 2 * bf16)
+    pw, ptx = 32 // bits, dl._dequant_ptx(bits, bf16)
+    for _ in range(30):
+        codes = rng.integers(0, 2**bits, pw)
+        word = sum(int(c) << (bits * j) for j, c in enumerate(codes))
+        s, m = (_to_half(v, bf16) for v in (rng.uniform(1e-3, 0.1), rng.uniform(-1, 1)))
+        regs = _simulate_ptx(ptx, {f"${pw}": word, f"${pw + 1}": s, f"${pw + 2}": m})
+        outs = [np.array(_half(regs[f"${o}"], bf16)) for o in range(pw)]
+        # _join8 (and the outer join for int2): tl.join stacks along a new last axis
+        j8 = lambda c: np.stack([np.stack([np.stack(c[0:2], -1), np.stack(c[2:4], -1)], -1),  # noqa: E731
+                                 np.stack([np.stack(c[4:6], -1), np.stack(c[6:8], -1)], -1)], -1)
+        w = (j8(outs) if bits == 4 else np.stack([j8(outs[:8]), j8(outs[8:])], -1)).reshape(-1)
+        want = [_half(_to_half(float(c) * _half(s, bf16) + _half(m, bf16), bf16), bf16) for c in codes]
+        assert list(w) == want, (codes, list(w), want)
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
@@ -261,5 +313,5 @@ def test_word_dot_ptx_sums_code_times_x(bits):
             lo, hi = np.float16(x[p] * 2.0**-pos), np.float16(x[p + pw // 2] * 2.0**-pos)
             pairs.append(int(np.array([lo, hi]).view(np.uint32)[0]))
         exact = float(sum(codes * x))
-        got = _run_word_dot_ptx(ptx, word, pairs)
+        got = _simulate_ptx(ptx, {"$1": word, **{f"${i + 2}": q for i, q in enumerate(pairs)}})["$0"]
         assert abs(got - exact) <= 4e-3 * float(np.sum(np.abs(codes * x))) + 1e-3, (codes, x, got, exact)
