@@ -48,6 +48,15 @@ def graph_us(fn, items: list) -> float:
     return bench_us(graph.replay) / len(items)
 
 
+def _graph_or_none(fn, items: list) -> float | None:
+    """graph_us for a peer's kernels, None where they cannot be captured."""
+    try:
+        return graph_us(fn, items)
+    except Exception as exc:
+        print(f"no CUDA graph: {str(exc)[:120]}")
+        return None
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
     a = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
@@ -143,7 +152,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
         codes = unpack_codes(qw).to(torch.uint8)
         scales = qw.scales.reshape(n, -1)
         zeros = (-qw.mins.float() / qw.scales.float()).half().reshape(n, -1)
-        return A16Wn(device="cuda").from_weights(codes, scales, zeros, bits, group, bias=None)
+        return A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros, bits, group, bias=None)
     except Exception as exc:  # peer column is optional
         print(f"gemlite unavailable: {exc}")
         return None
@@ -151,7 +160,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
 
 def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None) -> None:
     from ttha.kernels import dequant_linear, dequant_linear_triton
-    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
+    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M, SMALL_M
     from ttha.quant import dequantize, quantize
 
     shapes = SHAPES[:1] if quick else SHAPES
@@ -164,7 +173,8 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
         qs = {b: rotating(lambda b=b: quantize(w, b, 128), q[b].nbytes) for b in (4, 2)}
         w8, s8 = fp8_weight(w)
         w8s = rotating(lambda: (w8.clone(), s8.clone()), w8.numel())
-        gem = {b: _gemlite_layer(w, b, 128) for b in (4, 2)}
+        gems = {b: [g for g in rotating(lambda b=b: _gemlite_layer(w, b, 128), q[b].nbytes) if g is not None]
+                for b in (4, 2)}  # the peer's layers (none when gemlite is not installed)
         del w
         for m in ms or (MS[:3] + MS[-1:] if quick else MS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -190,12 +200,15 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
                     to = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
                     tog = graph_us(lambda q_: dequant_linear_triton(x, q_, path=other), qs[b])
                     rows.append(dict(base, kernel=f"{other}_int{b}_g128", us=to, graph_us=tog, bytes=q[b].nbytes + io))
-                if m >= LARGE_M:  # the fused tensor-core kernel too, to place the LARGE_M switch on data
-                    tf = bench_us(lambda: dequant_linear_triton(x, nq(), path="fused"))
-                    rows.append(dict(base, kernel=f"fused_int{b}_g128", us=tf, bytes=q[b].nbytes + io))
-                if gem[b] is not None:
-                    tg = bench_us(lambda: gem[b](x))
-                    rows.append(dict(base, kernel=f"gemlite_int{b}_g128", us=tg, bytes=q[b].nbytes + io))
+                if m > SMALL_M:  # the other side of the LARGE_M switch too, to place it on data
+                    other = "fused" if m >= LARGE_M else "dequant"
+                    tf = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
+                    rows.append(dict(base, kernel=f"{other}_int{b}_g128", us=tf, bytes=q[b].nbytes + io))
+                if gems[b]:
+                    ngl = cycler(gems[b])
+                    tl_ = bench_us(lambda: ngl()(x))
+                    tlg = _graph_or_none(lambda g_: g_(x), gems[b]) if decode else None
+                    rows.append(dict(base, kernel=f"gemlite_int{b}_g128", us=tl_, graph_us=tlg, bytes=q[b].nbytes + io))
             try:
                 n8 = cycler(w8s)
                 t8 = bench_us(lambda: fp8_linear(x, *n8()))
@@ -207,13 +220,15 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 nw, n4, n2, n8 = cycler(ws), cycler(qs[4]), cycler(qs[2]), cycler(w8s)
-                for name, fn in [("bf16_linear", lambda: F.linear(x, nw())),
-                                 ("ours_int4_g128", lambda: dequant_linear(x, n4())),
-                                 ("ours_int2_g128", lambda: dequant_linear(x, n2())),
-                                 ("fp8_scaled_mm", lambda: fp8_linear(x, *n8()))]:
+                calls = [("bf16_linear", lambda: F.linear(x, nw())),
+                         ("ours_int4_g128", lambda: dequant_linear(x, n4())),
+                         ("ours_int2_g128", lambda: dequant_linear(x, n2())),
+                         ("fp8_scaled_mm", lambda: fp8_linear(x, *n8()))]
+                calls += [(f"gemlite_int{b}_g128", lambda c=cycler(gems[b]): c()(x)) for b in (4, 2) if gems[b]]
+                for name, fn in calls:
                     j, watts = energy_per_call_j(fn)
                     rows.append(dict(K=k, N=n, M=m, kernel=name, energy_mj=j * 1e3, avg_w=watts, table="energy"))
-        del ws, qs, w8s, wb
+        del ws, qs, w8s, wb, gems
         torch.cuda.empty_cache()
 
 

@@ -1,7 +1,9 @@
 """Time the decode kernels over their config space on the GPU (CUDA-graph replay), to shape the tuned spaces.
-python scripts/gemv_sweep.py OUT_DIR [M ...]   (M = 1: the GEMV kernel; M > 1: _dq_mm_kernel)"""
+python scripts/gemv_sweep.py OUT_DIR [M ...]   (M = 1: the GEMV kernel; M > 1: _dq_mm_kernel)
+SHAPES="8192x28672,4096x14336" (K x N) limits the shapes."""
 import csv
 import itertools
+import os
 import sys
 
 import torch
@@ -26,8 +28,9 @@ def configs(m, k, n, bits):
             yield {"BN": bn, "BKW": bkw, "SPLIT_K": split, "num_warps": warps}
         return
     dot = m > 4
-    for bn, bkw, split, warps, stages in itertools.product(
-            [16, 32, 64] if dot else [8, 16, 32], [8, 16, 32, 64], [1, 2, 4, 8], [4], [3] if dot else [1]):
+    for (bn, warps), bkw, split, stages in itertools.product(
+            [(16, 4), (32, 4), (64, 4), (128, 4), (128, 8)] if dot else [(8, 4), (16, 4), (32, 4)], [8, 16, 32, 64],
+            [1, 2, 4, 8], [3] if dot else [1]):
         if dot and bn * bkw * pw > 64 * 256 * warps // 4:
             continue
         if not dot and (m * bn * bkw * pw > 64 * 32 * warps or bkw * pw < 128):
@@ -40,7 +43,10 @@ def configs(m, k, n, bits):
 
 rows = []
 for m in ms:
-    for k, n in [(4096, 14336), (14336, 4096), (8192, 28672)]:
+    shapes = [(4096, 14336), (14336, 4096), (8192, 28672)]
+    if os.environ.get("SHAPES"):
+        shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ["SHAPES"].split(",")]
+    for k, n in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") / k**0.5
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
