@@ -77,42 +77,44 @@ def check_args(x, qw, bias) -> None:
             raise ValueError(f"bias: on {bias.device}, x on {x.device}")
 
 
-def _pair_shifts(bits: int, mant: int = 10) -> list[tuple[int, int]]:
+def _pair_shifts(bits: int) -> list[tuple[int, int]]:
     """(word shift, bit position) of each half2 pair p of a word: its two codes (p and p + PW/2, one per 16-bit
-    half) sit at `pos` after the shift, with code * 2**pos below 2**mant (fp16: 10 mantissa bits, bf16: 7), so
-    ORed into the mantissa of 2**(mant - pos) they read as 2**(mant - pos) + code exactly. The same rule
-    (fp16) as _pair_shift in the kernels."""
+    half) sit at `pos` after the shift, with code * 2**pos below 2**10, so ORed into the mantissa of the fp16
+    2**(10 - pos) they read as 2**(10 - pos) + code exactly. The same rule as _pair_shift in the kernels."""
     out, sh = [], 0
     for p in range(16 // bits):
-        if bits * (p + 1) - sh > mant:
+        if bits * (p + 1) - sh > 10:
             sh = bits * p
         out.append((sh, bits * p - sh))
     return out
 
 
 def _dequant_ptx(bits: int, bf16: bool) -> str:
-    """PTX for _dequant_pairs: the PW codes of word $PW as fp16/bf16 code * $PW+1 + $PW+2 (scale, min), code j
-    into output bitrev(j) (the tl.join tree that assembles them reverses the bits of the index). Per pair:
-    (word >> shift) & lanes | 2**(mant - pos) in each half (one LOP3), minus 2**(mant - pos) exactly, then
-    one fused multiply-add by (scale, min), rounded once."""
-    pw, mant = 32 // bits, (7 if bf16 else 10)
+    """PTX for _dequant_pairs: the PW codes of word $PW as code * $PW+1 + $PW+2 (fp16 scale, min), code j into
+    output bitrev(j) (the tl.join tree that assembles them reverses the bits of the index). Per pair:
+    (word >> shift) & lanes | 2**(10 - pos) in each half (one LOP3), minus 2**(10 - pos) exactly, then one
+    fp16 fused multiply-add by the stored (scale, min), rounded once; for bf16 output rounded again from
+    there (the reference rounds its fp32 value once; scale and min cast to bf16 first tripled the error)."""
+    pw = 32 // bits
     nbit = pw.bit_length() - 1
     rev = [int(f"{j:0{nbit}b}"[::-1], 2) for j in range(pw)]
     w, s, m = f"${pw}", f"${pw + 1}", f"${pw + 2}"
-    ty = "bf16x2" if bf16 else "f16x2"
-    lines = ["{", ".reg .b32 s2, m2, t, u, k, nk, one;", f"mov.b32 s2, {{{s}, {s}}};", f"mov.b32 m2, {{{m}, {m}}};",
-             f"mov.b32 one, {0x3F803F80 if bf16 else 0x3C003C00:#010x};"]
+    lines = ["{", ".reg .b32 s2, m2, t, u, k, nk, one;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+             f"mov.b32 s2, {{{s}, {s}}};", f"mov.b32 m2, {{{m}, {m}}};", "mov.b32 one, 0x3c003c00;"]
     src, cur = w, 0
-    for p, (sh, pos) in enumerate(_pair_shifts(bits, mant)):
+    for p, (sh, pos) in enumerate(_pair_shifts(bits)):
         if sh != cur:
             lines.append(f"shr.u32 u, {w}, {sh};")
             src, cur = "u", sh
-        magic = ((127 + mant - pos) << 7) if bf16 else ((15 + mant - pos) << 10)  # 2**(mant - pos)
+        magic = (25 - pos) << 10  # fp16 2**(10 - pos)
         lines += [f"mov.b32 k, {magic * 0x10001:#010x};", f"mov.b32 nk, {(magic | 0x8000) * 0x10001:#010x};",
                   f"lop3.b32 t, {src}, {((1 << bits) - 1 << pos) * 0x10001:#010x}, k, 0xEA;",  # (src & lanes) | k
-                  f"fma.rn.{ty} t, t, one, nk;",  # minus 2**(mant - pos): the code, exactly
-                  f"fma.rn.{ty} t, t, s2, m2;",
-                  f"mov.b32 {{${rev[p]}, ${rev[p + pw // 2]}}}, t;"]
+                  "fma.rn.f16x2 t, t, one, nk;",  # minus 2**(10 - pos): the code, exactly
+                  "fma.rn.f16x2 t, t, s2, m2;"]
+        if bf16:
+            lines += ["mov.b32 {lo, hi}, t;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;",
+                      "cvt.rn.bf16x2.f32 t, fhi, flo;"]
+        lines.append(f"mov.b32 {{${rev[p]}, ${rev[p + pw // 2]}}}, t;")
     return "\n".join(lines + ["}"])
 
 
@@ -134,6 +136,20 @@ def _word_dot_ptx(bits: int) -> str:
 
 
 if HAS_TRITON:
+    try:  # programmatic dependent launch (Hopper on): a kernel's launch overlaps the tail of the one before
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        HAS_PDL = True
+    except ImportError:  # pragma: no cover - older Triton
+        HAS_PDL = False
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
     _PTX4 = tl.constexpr(_word_dot_ptx(4))
     _PTX2 = tl.constexpr(_word_dot_ptx(2))
     _DQ4_F16, _DQ4_BF16 = tl.constexpr(_dequant_ptx(4, False)), tl.constexpr(_dequant_ptx(4, True))
@@ -166,19 +182,20 @@ if HAS_TRITON:
         return tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
 
     @triton.jit
-    def _dequant_pairs(words, sc, mn, BITS: tl.constexpr):
-        """[R, W] int32 words -> [R, W * PW] in K order, in the dtype of sc and mn (fp16 or bf16; per word
-        [R, W] or per row [R, 1]), by PTX (_dequant_ptx): ~1.5 instructions a code where _dequant_words'
-        fp32 takes ~5 and a convert."""
+    def _dequant_pairs(words, sc, mn, BITS: tl.constexpr, BF16: tl.constexpr):
+        """[R, W] int32 words and fp16 (scale, min) per word [R, W] or per row [R, 1] -> [R, W * PW] in K order,
+        bf16 or fp16, by PTX (_dequant_ptx): ~1.5 instructions a code (bf16: ~3) where _dequant_words' fp32
+        takes ~5 and a convert."""
+        out = tl.bfloat16 if BF16 else tl.float16
         if BITS == 4:
-            ptx: tl.constexpr = _DQ4_BF16 if sc.dtype == tl.bfloat16 else _DQ4_F16
+            ptx: tl.constexpr = _DQ4_BF16 if BF16 else _DQ4_F16
             c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, sc, mn],
-                                          dtype=(sc.dtype,) * 8, is_pure=True, pack=1)
+                                          dtype=(out,) * 8, is_pure=True, pack=1)
             w = _join8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
         else:
-            ptx: tl.constexpr = _DQ2_BF16 if sc.dtype == tl.bfloat16 else _DQ2_F16
+            ptx: tl.constexpr = _DQ2_BF16 if BF16 else _DQ2_F16
             c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-                                          [words, sc, mn], dtype=(sc.dtype,) * 16, is_pure=True, pack=1)
+                                          [words, sc, mn], dtype=(out,) * 16, is_pure=True, pack=1)
             w = tl.join(_join8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]),
                         _join8(c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]))
         return tl.reshape(w, (words.shape[0], words.shape[1] * (32 // BITS)))
@@ -260,7 +277,7 @@ if HAS_TRITON:
                 kk = kw0 * PW + rk
                 xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < kw_hi * PW)[None, :], other=0.0)
                 if USE_DOT and ASM:  # dequantized by PTX straight into x's dtype, [BN, BK]
-                    w = _dequant_pairs(words, sc.to(xk.dtype), mn.to(xk.dtype), BITS)
+                    w = _dequant_pairs(words, sc.to(tl.float16), mn.to(tl.float16), BITS, xk.dtype == tl.bfloat16)
                     acc = tl.dot(xk, tl.trans(w), acc)
                 else:
                     w = _dequant_words(words, sc.to(tl.float32), mn.to(tl.float32), BITS)  # [BN, BK] fp32
@@ -284,8 +301,12 @@ if HAS_TRITON:
             tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=omask)
 
     @triton.jit
-    def _splitk_reduce_kernel(p_ptr, y_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """y = sum over the SPLIT_K fp32 partial outputs, cast to y's dtype."""
+    def _splitk_reduce_kernel(p_ptr, y_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr = False):
+        """y = sum over the SPLIT_K fp32 partial outputs, cast to y's dtype. PDL: launched early, so wait for
+        the partials."""
+        if PDL:
+            gdc_wait()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < numel
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -304,11 +325,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _x_pairs_kernel(x_ptr, xp_ptr, xg_ptr, KW, NG, stride_xm,
-                        BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr, PDL: tl.constexpr = False):
         """x [M, K] -> for _gemv_kernel: xp [M, PP, KW] int32, pair p of word kw as half2 (x[kw * PW + p],
         x[kw * PW + p + PP]) * 256 / amax(group) * 2**-pos_p (pos undone on x, the group scaled to +-256 so
         fp16 keeps its precision and the per-word sums stay far from overflow); xg [M, 2, NG] fp32: each
-        group's sum of x (for the mins) and amax / 256 (to undo the scaling)."""
+        group's sum of x (for the mins) and amax / 256 (to undo the scaling). PDL: the GEMV may launch at once."""
+        if PDL:
+            gdc_launch_dependents()
         PW: tl.constexpr = 32 // BITS
         PP: tl.constexpr = PW // 2
         WPG: tl.constexpr = GROUP // PW  # words per group
@@ -371,7 +394,8 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1):
+                     BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
+                     PDL: tl.constexpr = False):
         """One row of y = x @ dequant(w).T (+ bias) per pid 1 (decode), from x's pairs (_x_pairs_kernel).
 
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
@@ -380,7 +404,11 @@ if HAS_TRITON:
         code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K (BKW words, up to
         512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of many rows ran at
         half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for
-        _splitk_reduce_kernel."""
+        _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so wait for x's pairs, and let the
+        reduction launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW  # words per group
         GT: tl.constexpr = BKW // WPG  # whole groups per tile
@@ -522,13 +550,16 @@ def _m_bucket(m: int) -> int:
 
 
 def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict, config: dict | None,
-                    max_split: int, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
+                    max_split: int, m: int, n: int, like: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """y [m, n] in like's dtype from `kernel` with `config` (or the autotuned `tuned`), whose arguments are
     (*inputs, y, partials, *sizes); when the config splits K, the fp32 partials are summed into y after.
-    grid(config) gives the launch grid."""
+    grid(config) gives the launch grid. pdl: `kernel` and the reduction are launched as programmatic
+    dependents of the kernel before each (`kernel` takes PDL)."""
     y = torch.empty((m, n), dtype=like.dtype, device=like.device)
     partials = torch.empty((max_split, m, n), dtype=torch.float32, device=like.device) if max_split > 1 else y
     args = (*inputs, y, partials, *sizes)
+    if pdl:
+        meta = dict(meta, PDL=True, launch_pdl=True)
     if config is not None:
         kernel[grid(config)](*args, **meta, **config)
         split = int(config["SPLIT_K"])
@@ -536,7 +567,8 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
         tuned[grid](*args, **meta)
         split = int(tuned.best_config.kwargs["SPLIT_K"])
     if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024)
+        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024, **extra)
     return y
 
 
@@ -555,6 +587,12 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
                            inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2)
 
 
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled (not the interpreter), on Hopper or newer."""
+    return (HAS_PDL and not interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     """Decode rows: x's pairs (one small kernel), the GEMV kernel per row, the split-K reduction."""
     m, (n, k) = x2.shape[0], qw.shape
@@ -566,13 +604,14 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
     xp = torch.empty((m, pw // 2 * kw), dtype=torch.int32, device=x2.device)
     xg = torch.empty((m, 2 * ng), dtype=torch.float32, device=x2.device)
     bkw_x = max(64, qw.group_size // pw)  # whole groups per program
+    pdl = _pdl_ok(x2.device)
     _x_pairs_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, xg, kw, ng, x2.stride(0), BITS=qw.bits,
-                                                 GROUP=qw.group_size, BKW=bkw_x)
+                                                 GROUP=qw.group_size, BKW=bkw_x, PDL=pdl)
     max_split = int(config["SPLIT_K"]) if config is not None else GEMV_MAX_SPLIT
     inputs = (xp, xg, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting())
     return _launch_split_k(_gemv_kernel, _gemv_tuned, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])),
-                           inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2)
+                           inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2, pdl)
 
 
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -257,6 +257,8 @@ def _simulate_ptx(ptx: str, regs: dict) -> dict:
                  "fma": lambda p, q, c: p * q + c}[op.split(".")[0]]
             lo, hi = (_to_half(f(*(x[i] for x in xs)), bf) for i in (0, 1))
             regs[a[0]] = lo | hi << 16
+        elif op == "cvt.rn.bf16x2.f32":  # the first source into the high half
+            regs[a[0]] = _to_half(regs[a[2]], True) | _to_half(regs[a[1]], True) << 16
         elif op == "cvt.f32.f16":
             regs[a[0]] = _half(regs[a[1]], False)
         elif op == "add.f32":
@@ -273,8 +275,9 @@ def _simulate_ptx(ptx: str, regs: dict) -> dict:
 @pytest.mark.parametrize("bf16", [False, True])
 def test_dequant_ptx_gives_codes_in_k_order(bits, bf16):
     """The PTX the decode matmul dequantizes with on CUDA, simulated: each code of random words comes out as
-    code * scale + min rounded once to fp16/bf16, at the output that the kernel's tl.join tree (stack along
-    a new last axis) and reshape put back at the code's K position."""
+    code * scale + min (fp16 scale and min, as stored) rounded once to fp16 (then to bf16 for bf16 x), at the
+    output that the kernel's tl.join tree (stack along a new last axis) and reshape put back at the code's
+    K position."""
     import numpy as np
 
     dl = importlib.import_module("ttha.kernels.dequant_linear")
@@ -283,15 +286,19 @@ def test_dequant_ptx_gives_codes_in_k_order(bits, bf16):
     for _ in range(30):
         codes = rng.integers(0, 2**bits, pw)
         word = sum(int(c) << (bits * j) for j, c in enumerate(codes))
-        s, m = (_to_half(v, bf16) for v in (rng.uniform(1e-3, 0.1), rng.uniform(-1, 1)))
+        s, m = (_to_half(v, False) for v in (rng.uniform(1e-3, 0.1), rng.uniform(-1, 1)))
         regs = _simulate_ptx(ptx, {f"${pw}": word, f"${pw + 1}": s, f"${pw + 2}": m})
         outs = [np.array(_half(regs[f"${o}"], bf16)) for o in range(pw)]
         # _join8 (and the outer join for int2): tl.join stacks along a new last axis
         j8 = lambda c: np.stack([np.stack([np.stack(c[0:2], -1), np.stack(c[2:4], -1)], -1),  # noqa: E731
                                  np.stack([np.stack(c[4:6], -1), np.stack(c[6:8], -1)], -1)], -1)
         w = (j8(outs) if bits == 4 else np.stack([j8(outs[:8]), j8(outs[8:])], -1)).reshape(-1)
-        want = [_half(_to_half(float(c) * _half(s, bf16) + _half(m, bf16), bf16), bf16) for c in codes]
+        w16 = [_half(_to_half(float(c) * _half(s, False) + _half(m, False), False), False) for c in codes]
+        want = [_half(_to_half(v, True), True) for v in w16] if bf16 else w16
         assert list(w) == want, (codes, list(w), want)
+        if bf16:  # within a bf16 plus an fp16 rounding of the exact value (the reference: one bf16 rounding)
+            exact = codes * _half(s, False) + _half(m, False)
+            assert np.all(np.abs(np.array(w) - exact) <= (2.0**-8 + 2.0**-11) * np.abs(exact) + 1e-7)
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
