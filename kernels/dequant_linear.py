@@ -38,9 +38,10 @@ GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
                 # _dq_mm_kernel; replayed from a graph the GEMV runs 2.2-4.4x of bf16 vs 1.5-2.3x (H100)
 SMALL_M = 16    # at or below: decode regime (GEMV-like)
-LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: 0.9x of bf16 at M = 4096; at M = 256 it beat
-                # the fused kernel, 122-516 us against 166-599). Below, the fused kernel: at M = 64 it ran
-                # int4 in 49 / 99 / 176 us where dequantizing first took 119 / 122 / 489 (bench shapes)
+LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: ~0.9x of bf16 at M = 4096; at M = 256 both
+                # paths run at 0.4-0.57x and dequantizing first wins for int2 at every bench shape). Below, the
+                # fused kernel: at M = 64 it ran int4 in 49 / 124 / 164 us where dequantizing first took
+                # 118 / 121 / 492 (bench shapes, 2026-11-24)
 MAX_SPLIT_K = 8  # largest split in the tuned configs (sizes the partial-sum buffer)
 
 
