@@ -90,6 +90,16 @@ def _pair_shifts(bits: int) -> list[tuple[int, int]]:
     return out
 
 
+def _pair_sources(bits: int, word: str):
+    """Per half2 pair p of `word`: (p, pos, the PTX line that shifts the word into register u when the pair
+    needs a new shift (else none), the register holding the pair's codes at pos)."""
+    cur = 0
+    for p, (sh, pos) in enumerate(_pair_shifts(bits)):
+        shift = [f"shr.u32 u, {word}, {sh};"] if sh != cur else []
+        cur = sh
+        yield p, pos, shift, ("u" if sh else word)
+
+
 def _dequant_ptx(bits: int, bf16: bool) -> str:
     """PTX for _dequant_pairs: the PW codes of word $PW as code * $PW+1 + $PW+2 (fp16 scale, min), code j into
     output bitrev(j) (the tl.join tree that assembles them reverses the bits of the index). Per pair:
@@ -100,17 +110,13 @@ def _dequant_ptx(bits: int, bf16: bool) -> str:
     nbit = pw.bit_length() - 1
     rev = [int(f"{j:0{nbit}b}"[::-1], 2) for j in range(pw)]
     w, s, m = f"${pw}", f"${pw + 1}", f"${pw + 2}"
-    lines = ["{", ".reg .b32 s2, m2, t, u, k, nk, one;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
-             f"mov.b32 s2, {{{s}, {s}}};", f"mov.b32 m2, {{{m}, {m}}};", "mov.b32 one, 0x3c003c00;"]
-    src, cur = w, 0
-    for p, (sh, pos) in enumerate(_pair_shifts(bits)):
-        if sh != cur:
-            lines.append(f"shr.u32 u, {w}, {sh};")
-            src, cur = "u", sh
+    lines = ["{", ".reg .b32 s2, m2, t, u, k;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+             f"mov.b32 s2, {{{s}, {s}}};", f"mov.b32 m2, {{{m}, {m}}};"]
+    for p, pos, shift, src in _pair_sources(bits, w):
         magic = (25 - pos) << 10  # fp16 2**(10 - pos)
-        lines += [f"mov.b32 k, {magic * 0x10001:#010x};", f"mov.b32 nk, {(magic | 0x8000) * 0x10001:#010x};",
+        lines += [*shift, f"mov.b32 k, {magic * 0x10001:#010x};",
                   f"lop3.b32 t, {src}, {((1 << bits) - 1 << pos) * 0x10001:#010x}, k, 0xEA;",  # (src & lanes) | k
-                  "fma.rn.f16x2 t, t, one, nk;",  # minus 2**(10 - pos): the code, exactly
+                  "sub.f16x2 t, t, k;",  # minus 2**(10 - pos): the code, exactly
                   "fma.rn.f16x2 t, t, s2, m2;"]
         if bf16:
             lines += ["mov.b32 {lo, hi}, t;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;",
@@ -124,12 +130,8 @@ def _word_dot_ptx(bits: int) -> str:
     mask = (1 << bits) - 1
     lines = ["{", ".reg .b32 m, t, u, a;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
              "mov.b32 m, 0x64006400;"]  # fp16 1024 in both halves
-    src, cur_sh = "$1", 0
-    for p, (sh, pos) in enumerate(_pair_shifts(bits)):
-        if sh != cur_sh:
-            lines.append(f"shr.u32 u, $1, {sh};")
-            src, cur_sh = "u", sh
-        lines += [f"lop3.b32 t, {src}, {(mask << pos) * 0x10001:#010x}, m, 0xEA;",  # (src & lanes) | m
+    for p, pos, shift, src in _pair_sources(bits, "$1"):
+        lines += [*shift, f"lop3.b32 t, {src}, {(mask << pos) * 0x10001:#010x}, m, 0xEA;",  # (src & lanes) | m
                   "sub.f16x2 t, t, m;",
                   f"mul.f16x2 a, t, ${p + 2};" if p == 0 else f"fma.rn.f16x2 a, t, ${p + 2}, a;"]
     lines += ["mov.b32 {lo, hi}, a;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;", "}"]
@@ -559,8 +561,8 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
     y = torch.empty((m, n), dtype=like.dtype, device=like.device)
     partials = torch.empty((max_split, m, n), dtype=torch.float32, device=like.device) if max_split > 1 else y
     args = (*inputs, y, partials, *sizes)
-    if pdl:
-        meta = dict(meta, PDL=True, launch_pdl=True)
+    pdl_kw = dict(PDL=True, launch_pdl=True) if pdl else {}
+    meta = dict(meta, **pdl_kw)
     if config is not None:
         kernel[grid(config)](*args, **meta, **config)
         split = int(config["SPLIT_K"])
@@ -568,8 +570,7 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
         tuned[grid](*args, **meta)
         split = int(tuned.best_config.kwargs["SPLIT_K"])
     if split > 1:
-        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024, **extra)
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partials, y, m * n, SPLIT_K=split, BLOCK=1024, **pdl_kw)
     return y
 
 

@@ -41,11 +41,11 @@ def configs(m, k, n, bits):
                "num_stages": stages}
 
 
+shapes = [(4096, 14336), (14336, 4096), (8192, 28672)]
+if os.environ.get("SHAPES"):
+    shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ["SHAPES"].split(",")]
 rows = []
 for m in ms:
-    shapes = [(4096, 14336), (14336, 4096), (8192, 28672)]
-    if os.environ.get("SHAPES"):
-        shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ["SHAPES"].split(",")]
     for k, n in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") / k**0.5

@@ -1,6 +1,7 @@
 """Fused dequant-linear kernel vs its torch reference (Triton interpreter on CPU, real sizes on GPU)."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,8 +208,6 @@ def test_autotune_space_fits_each_regime(bits, group, m_bucket):
 
 def _half(bits: int, bf16: bool) -> float:
     """A 16-bit fp16/bf16 bit pattern as a float."""
-    import numpy as np
-
     if bf16:
         return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
     return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
@@ -216,8 +215,6 @@ def _half(bits: int, bf16: bool) -> float:
 
 def _to_half(v: float, bf16: bool) -> int:
     """v rounded once (to nearest even) to fp16/bf16, as its bit pattern."""
-    import numpy as np
-
     if not bf16:
         return int(np.array([v], dtype=np.float16).view(np.uint16)[0])
     u = int(np.array([v], dtype=np.float32).view(np.uint32)[0])  # exact here: the test's values fit fp32
@@ -262,8 +259,6 @@ def _simulate_ptx(ptx: str, regs: dict) -> dict:
         elif op == "cvt.f32.f16":
             regs[a[0]] = _half(regs[a[1]], False)
         elif op == "add.f32":
-            import numpy as np
-
             regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
         else:
             raise AssertionError(f"unsimulated PTX: {line}")
@@ -278,8 +273,6 @@ def test_dequant_ptx_gives_codes_in_k_order(bits, bf16):
     code * scale + min (fp16 scale and min, as stored) rounded once to fp16 (then to bf16 for bf16 x), at the
     output that the kernel's tl.join tree (stack along a new last axis) and reshape put back at the code's
     K position."""
-    import numpy as np
-
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     rng = np.random.default_rng(bits + 2 * bf16)
     pw, ptx = 32 // bits, dl._dequant_ptx(bits, bf16)
@@ -306,8 +299,6 @@ def test_dequant_ptx_gives_codes_in_k_order(bits, bf16):
 def test_word_dot_ptx_sums_code_times_x(bits):
     """The PTX the GEMV runs on CUDA, simulated: every code of random words, read in place and times x's
     half2 pairs (scaled by 2**-pos as _x_pairs_kernel writes them), sums to sum_j code_j * x_j."""
-    import numpy as np
-
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     rng = np.random.default_rng(bits)
     pw, ptx = 32 // bits, dl._word_dot_ptx(bits)
