@@ -160,7 +160,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
 
 def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None) -> None:
     from ttha.kernels import dequant_linear, dequant_linear_triton
-    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M, SMALL_M
+    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
     from ttha.quant import dequantize, quantize
 
     shapes = SHAPES[:1] if quick else SHAPES
@@ -195,15 +195,13 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
                 tg = graph_us(lambda q_: dequant_linear(x, q_), qs[b]) if decode else None
                 rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, graph_us=tg, bytes=q[b].nbytes + io,
                                  relerr=relerr))
-                if decode:  # the other decode kernel, to place the GEMV_M switch on data
-                    other = "fused" if m <= GEMV_M else "gemv"
+                # the kernels the auto path did not pick, to place its switches on data
+                others = (("fused", "mma") if m <= GEMV_M else ("gemv", "fused")) if decode else \
+                    ("mma", "fused") if m >= LARGE_M else ("dequant", "fused")
+                for other in others:
                     to = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
-                    tog = graph_us(lambda q_: dequant_linear_triton(x, q_, path=other), qs[b])
+                    tog = graph_us(lambda q_: dequant_linear_triton(x, q_, path=other), qs[b]) if decode else None
                     rows.append(dict(base, kernel=f"{other}_int{b}_g128", us=to, graph_us=tog, bytes=q[b].nbytes + io))
-                if m > SMALL_M:  # the other side of the LARGE_M switch too, to place it on data
-                    other = "fused" if m >= LARGE_M else "dequant"
-                    tf = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
-                    rows.append(dict(base, kernel=f"{other}_int{b}_g128", us=tf, bytes=q[b].nbytes + io))
                 if gems[b]:
                     ngl = cycler(gems[b])
                     tl_ = bench_us(lambda: ngl()(x))

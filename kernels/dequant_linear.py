@@ -9,15 +9,20 @@ Four regimes, picked from M (rows of x):
   tune it before a capture): `_gemv_kernel`, after `_x_pairs_kernel` rearranges x (K values, tiny) into
   fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
   over tiles of whole groups 128-512 bytes wide per row (64-byte rows per tile ran at half the copy
-  bandwidth on the H100). Eager calls take the next regime: the GEMV's three launches cost more host time
-  than its GPU time saves.
-- M <= SMALL_M (decode, GEMV-like): `_dq_mm_kernel`. Memory bound: the point is to stream the packed
-  weight once at full bandwidth. Each [BN, BKW] tile of words is unpacked in K order in registers
+  bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
+  host time than its GPU time saves.
+- GEMV_M < M < LARGE_M: `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
+  x into the order in which an MMA's A operand holds a thread's unpacked words (`_mma_codes`): the codes go
+  from registers straight into the MMA, exact in x's dtype, and each group's scale and min are applied to
+  the [BN, BM] sums in fp32. H100, M = 16: 1.9-2.3x of bf16 (int4) where `_dq_mm_kernel` ran 1.4-1.5x.
+  Not for 2-bit weights in groups of 32 (2 words a group; the MMA order needs blocks of 4): those, and
+  eager single rows, take
+- `_dq_mm_kernel` (`path="fused"`): each [BN, BKW] tile of words unpacked in K order in registers
   (tl.join; each group's (scale, min) repeated over its words) and multiplied with a contiguous [BM, BK]
-  slice of x, on the FMA units for few rows or on tensor cores (dequantized into x's dtype by PTX); the
-  autotuner also tries the older "planes" variant (no unpacking; strided x). Split-K (a third grid axis,
-  partial sums reduced by a second small kernel) keeps every SM streaming when N / BN is small.
-- SMALL_M < M < LARGE_M: the same kernel on tensor cores, larger tiles (`path="fused"` forces it).
+  slice of x, on the FMA units for few rows or on tensor cores (dequantized into x's dtype by PTX, through
+  shared memory); the autotuner also tries the older "planes" variant (no unpacking; strided x). Split-K
+  (a third grid axis, partial sums reduced by a second small kernel) keeps every SM streaming when N / BN
+  is small; the GEMV and the MMA kernel split K the same way.
 - M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the same K-order
   unpacking), then cuBLAS multiplies (`path="dequant"` forces it). Dequantizing costs one pass over
   N x K (~7 % of the GEMM at M = 4096 on the H100): two launches, but 0.9x of cuBLAS bf16 where a
@@ -138,6 +143,32 @@ def _word_dot_ptx(bits: int) -> str:
     return "\n".join(lines)
 
 
+
+MMA_MAGIC = {False: 0x6400, True: 0x4300}  # fp16 1024, bf16 128: OR a code into the mantissa, read magic + code
+
+
+def _codes_ptx(bits: int, bf16: bool) -> str:
+    """PTX for _mma_codes: the PW codes of word $PW as fp16 or bf16 magic + code (exact), pair p (codes p and
+    p + PW/2, one per 16-bit half) into outputs 2p, 2p + 1: per pair one shift (none for the first) and one LOP3,
+    (word >> bits * p) & lanes | magic. The magic is not subtracted here: the kernel folds it into the mins."""
+    pw, lanes = 32 // bits, ((1 << bits) - 1) * 0x10001
+    lines = ["{", ".reg .b32 t, u, k;", f"mov.b32 k, {MMA_MAGIC[bf16] * 0x10001:#010x};"]
+    for p in range(pw // 2):
+        src = f"${pw}" if p == 0 else "u"
+        lines += [f"shr.u32 u, ${pw}, {bits * p};"] if p else []
+        lines += [f"lop3.b32 t, {src}, {lanes:#010x}, k, 0xEA;", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+def mma_order(bits: int, k: int) -> torch.Tensor:
+    """Column k of x -> its place in the MMA order of _x_mma_kernel (the torch statement of it, for tests):
+    code c of word kw sits at 4 PW (kw // 4) + 8 (c % PP) + 2 (kw % 4) + c // PP."""
+    pw = 32 // bits
+    kk = torch.arange(k)
+    kw, c = kk // pw, kk % pw
+    return 4 * pw * (kw // 4) + 8 * (c % (pw // 2)) + 2 * (kw % 4) + c // (pw // 2)
+
+
 if HAS_TRITON:
     try:  # programmatic dependent launch (Hopper on): a kernel's launch overlaps the tail of the one before
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -157,6 +188,8 @@ if HAS_TRITON:
     _PTX2 = tl.constexpr(_word_dot_ptx(2))
     _DQ4_F16, _DQ4_BF16 = tl.constexpr(_dequant_ptx(4, False)), tl.constexpr(_dequant_ptx(4, True))
     _DQ2_F16, _DQ2_BF16 = tl.constexpr(_dequant_ptx(2, False)), tl.constexpr(_dequant_ptx(2, True))
+    _C4_F16, _C4_BF16 = tl.constexpr(_codes_ptx(4, False)), tl.constexpr(_codes_ptx(4, True))
+    _C2_F16, _C2_BF16 = tl.constexpr(_codes_ptx(2, False)), tl.constexpr(_codes_ptx(2, True))
 
 
     @triton.jit
@@ -447,6 +480,132 @@ if HAS_TRITON:
             tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=n_ok)
 
     @triton.jit
+    def _mma_codes(words, BITS: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+        """[R, W] int32 words (W a multiple of 4) -> [R, W * PW] magic + code in x's dtype, in the MMA order
+        (mma_order): code c of word kw at 4 PW (kw // 4) + 8 (c % PP) + 2 (kw % 4) + c // PP. That is the order
+        in which the A operand of a tensor-core MMA (m16n8k16 / wgmma, 16-bit) holds values a thread unpacked
+        from its own word: each 32-bit register is one pair (both halves of one word), a thread's registers of
+        a row are 8 apart along K, and 4 threads share a k16 block. So the tile reaches the tensor cores from
+        registers, with no shared-memory round trip (the M = 16 limit of _dq_mm_kernel) and no shuffles: the
+        joins, the permute and the reshapes below only rename registers."""
+        R: tl.constexpr = words.shape[0]
+        W: tl.constexpr = words.shape[1]
+        dt = tl.bfloat16 if BF16 else tl.float16
+        magic: tl.constexpr = 128.0 if BF16 else 1024.0
+        PP: tl.constexpr = 16 // BITS
+        if ASM:
+            if BITS == 4:
+                ptx: tl.constexpr = _C4_BF16 if BF16 else _C4_F16
+                c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(dt,) * 8,
+                                              is_pure=True, pack=1)
+            else:
+                ptx: tl.constexpr = _C2_BF16 if BF16 else _C2_F16
+                c = tl.inline_asm_elementwise(ptx, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
+                                              dtype=(dt,) * 16, is_pure=True, pack=1)
+        else:  # the same values by Triton ops (the interpreter cannot run PTX)
+            m: tl.constexpr = (1 << BITS) - 1
+            c = ()
+            for p in tl.static_range(PP):
+                c = c + ((((words >> (BITS * p)) & m).to(tl.float32) + magic).to(dt),
+                         (((words >> (16 + BITS * p)) & m).to(tl.float32) + magic).to(dt))
+        p0, p1, p2, p3 = tl.join(c[0], c[1]), tl.join(c[2], c[3]), tl.join(c[4], c[5]), tl.join(c[6], c[7])
+        v = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [R, W, h, j0, j1]: code j + 4 h, j = j0 + 2 j1
+        if BITS == 4:
+            v = tl.permute(tl.reshape(v, (R, W // 4, 4, 2, 2, 2)), (0, 1, 5, 4, 2, 3))  # [R, q, j1, j0, t, h]
+        else:
+            p4, p5, p6, p7 = tl.join(c[8], c[9]), tl.join(c[10], c[11]), tl.join(c[12], c[13]), tl.join(c[14], c[15])
+            v = tl.join(v, tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # [R, W, h, j0, j1, j2]
+            v = tl.permute(tl.reshape(v, (R, W // 4, 4, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 2, 3))
+        return tl.reshape(v, (R, W * (32 // BITS)))
+
+    @triton.jit
+    def _x_mma_kernel(x_ptr, xv_ptr, xs_ptr, M, KW, NG, stride_xm,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr, PDL: tl.constexpr = False):
+        """x [M, K] -> for _mma_kernel: xv [M, K] (x's dtype) in the MMA order of _mma_codes, and xs [NG, M]
+        fp32, each group's sum of x (for the mins, and the magic the codes carry). BKW words of a row per program,
+        whole groups. PDL: the matmul may launch at once."""
+        if PDL:
+            gdc_launch_dependents()
+        PW: tl.constexpr = 32 // BITS
+        PP: tl.constexpr = PW // 2
+        m = tl.program_id(1)
+        kw = tl.program_id(0) * BKW + tl.arange(0, BKW)
+        c = tl.arange(0, PW)
+        ok = (kw < KW)[:, None]
+        x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (kw * PW)[:, None] + c[None, :], mask=ok, other=0.0)
+        vk = 4 * PW * (kw // 4)[:, None] + 8 * (c % PP)[None, :] + 2 * (kw % 4)[:, None] + (c // PP)[None, :]
+        tl.store(xv_ptr + m.to(tl.int64) * (KW * PW) + vk, x, mask=ok)
+        NGC: tl.constexpr = BKW * PW // GROUP
+        gs = tl.sum(tl.reshape(tl.sum(x.to(tl.float32), axis=1), (NGC, GROUP // PW)), axis=1)
+        g = tl.program_id(0) * NGC + tl.arange(0, NGC)
+        tl.store(xs_ptr + g * M + m, gs, mask=g < NG)
+
+    @triton.jit
+    def _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g, M, NG):
+        """Group g's scale and min of rows rn64 [BN] and x sums of rows rm [BM]."""
+        return (tl.load(s_ptr + rn64 * NG + g, mask=n_ok, other=0.0), tl.load(m_ptr + rn64 * NG + g, mask=n_ok, other=0.0),
+                tl.load(xs_ptr + g * M + rm, mask=m_ok, other=0.0))
+
+    @triton.jit
+    def _mma_kernel(xv_ptr, xs_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                    DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+        """y = x @ dequant(w).T (+ bias) [M, N], weight-stationary ("swap AB"): per group, the [BN, GROUP] codes
+        of BN weight rows (the MMA's M side, 64 a warpgroup, from registers: _mma_codes) times x's [GROUP, BM]
+        (the N side, from shared memory, xv from _x_mma_kernel), on tensor cores, exact (magic + code in x's
+        dtype, fp32 accumulation). Then in fp32 per group: acc += scale * d + (min - magic * scale) * sum(x):
+        the scale, min and magic applied to [BN, BM] sums instead of to every code, so the loop costs ~2.6 SASS
+        instructions a code (sm_90, int4) where _dq_mm_kernel's costs 6.5. With
+        SPLIT_K > 1 each range of groups writes fp32 partials p[pid_k] for _splitk_reduce_kernel. PDL: launched
+        while _x_mma_kernel runs, so wait for xv."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        PW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PW
+        magic: tl.constexpr = 128.0 if xv_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+        KW = K // PW
+        NG = K // GROUP
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        n_ok, m_ok = rn < N, rm < M
+        rn64 = rn.to(tl.int64)
+        w_rows = w_ptr + rn64[:, None] * KW + tl.arange(0, WPG)[None, :]
+        x_cols = xv_ptr + rm.to(tl.int64)[None, :] * K + tl.arange(0, GROUP)[:, None]
+        per_split = NG // SPLIT_K  # whole (the host's configs ensure it)
+        g_lo = pid_k * per_split
+        g_hi = g_lo + per_split
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        # the group's (scale, min) and x sums, loaded a group ahead (too small for Triton's cp.async pipelining:
+        # plain loads would put a memory round trip on every group)
+        sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g_lo, M, NG)
+        for g in range(g_lo, g_hi):
+            words = tl.load(w_rows + g * WPG, mask=n_ok[:, None], other=0)
+            xt = tl.load(x_cols + g * GROUP, mask=m_ok[None, :], other=0.0)
+            sc, mn, xs = sc_n, mn_n, xs_n
+            # the last group loads itself again (no mask to compute)
+            sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok,
+                                                 tl.minimum(g + 1, g_hi - 1), M, NG)
+            a = _mma_codes(words, BITS, xt.dtype == tl.bfloat16, ASM)
+            if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                d = tl.dot(a.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                d = tl.dot(a, xt)
+            sc = sc.to(tl.float32)
+            acc = tl.fma(d, sc[:, None], acc)
+            acc = tl.fma((mn.to(tl.float32) - magic * sc)[:, None], xs[None, :], acc)
+        if HAS_BIAS:
+            acc += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)[:, None]
+        offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+        omask = m_ok[None, :] & n_ok[:, None]
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=omask)
+
+    @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
         """out [N, K] = dequant(w) in out's dtype: words unpacked in K order (_dequant_words), so every
@@ -547,6 +706,28 @@ if HAS_TRITON:
     )(_gemv_kernel)
 
 
+    # Weight-stationary tensor-core decode (_mma_kernel): BM the M bucket (16 at least: the MMA's N side)
+    MMA_CONFIGS = [triton.Config({"BN": bn, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+                   for bn, warps in ((64, 4), (128, 8), (128, 4)) for split in (1, 2, 4, 8) for stages in (3, 4)]
+    MMA_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in MMA_CONFIGS)
+
+    def _prune_mma(configs, named_args, **kwargs):
+        """Whole groups a split; 1-4 programs per SM where the shape allows, else the most."""
+        args = {**named_args, **kwargs}
+        ng, n = args["K"] // args["GROUP"], args["N"]
+        fits = [c for c in configs if ng % c.kwargs["SPLIT_K"] == 0]
+        programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
+        fill = [c for c in fits if MIN_PROGRAMS <= programs(c) <= 4 * MIN_PROGRAMS]
+        if fill:
+            return fill
+        most = max(programs(c) for c in fits)
+        return [c for c in fits if programs(c) == most][:4]
+
+    _mma_tuned = triton.autotune(
+        configs=MMA_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_mma}, **autotune_kwargs(),
+    )(_mma_kernel)
+
 def _m_bucket(m: int) -> int:
     """Autotune key for M: powers of two, so a new batch size reuses a tuned config."""
     return 1 << max(0, (m - 1).bit_length())
@@ -616,6 +797,35 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
                            inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2, pdl)
 
 
+
+def mma_ok(qw: QuantizedWeight) -> bool:
+    """_mma_kernel takes the weight: whole 4-word blocks a group (all but 2-bit with groups of 32)."""
+    return (qw.group_size * qw.bits // 32) % 4 == 0
+
+
+def _launch_mma(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
+    """Decode rows on tensor cores: x in MMA order with its group sums (one small kernel), the weight-stationary
+    matmul, the split-K reduction when the config splits."""
+    m, (n, k) = x2.shape[0], qw.shape
+    pw = 32 // qw.bits
+    kw, ng = k // pw, k // qw.group_size
+    bm = max(16, min(_m_bucket(m), 64))
+    if config is None and interpreting():  # small fixed tiles: the interpreter is slow
+        config = {"BN": 64, "SPLIT_K": 2 if ng % 2 == 0 else 1}
+    xv = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
+    xs = torch.empty((ng, m), dtype=torch.float32, device=x2.device)
+    bkw_x = max(64, qw.group_size // pw)  # whole groups per program
+    pdl = _pdl_ok(x2.device)
+    _x_mma_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xv, xs, m, kw, ng, x2.stride(0), BITS=qw.bits,
+                                               GROUP=qw.group_size, BKW=bkw_x, PDL=pdl)
+    max_split = int(config["SPLIT_K"]) if config is not None else MMA_MAX_SPLIT
+    inputs = (xv, xs, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
+    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting(),
+                DOT_F32=interpreting(), BM=bm)
+    return _launch_split_k(_mma_kernel, _mma_tuned,
+                           lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, bm), int(c["SPLIT_K"])),
+                           inputs, (m, n, k, _m_bucket(m)), meta, config, max_split, m, n, x2, pdl)
+
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in `dtype`, one coalesced pass (the large-M path's first step)."""
     n, k = qw.shape
@@ -628,7 +838,7 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-PATHS = ("auto", "gemv", "fused", "dequant")
+PATHS = ("auto", "gemv", "mma", "fused", "dequant")
 _GEMV_TUNED: set[tuple] = set()  # shapes whose GEMV has run eagerly (so is tuned)
 
 
@@ -648,8 +858,9 @@ def _gemv_now(x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
 
 def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                           config: dict | None = None, path: str = "auto") -> torch.Tensor:
-    """The Triton path. path: auto (by M), gemv (the per-row decode kernel, autotuned or `config`), fused
-    (the matmul kernel, autotuned or `config`), dequant (dequantize kernel + cuBLAS)."""
+    """The Triton path. path: auto (by M), gemv (the per-row decode kernel, autotuned or `config`), mma (the
+    weight-stationary tensor-core kernel, autotuned or `config`), fused (the matmul kernel, autotuned or
+    `config`), dequant (dequantize kernel + cuBLAS). With `config` and path auto: the matmul kernel."""
     check_args(x, qw, bias)
     if path not in PATHS:
         raise ValueError(f"path={path!r}: must be one of {', '.join(PATHS)}")
@@ -666,6 +877,11 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
     elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None and _gemv_now(x2, qw, bias)):
         y = _launch_gemv(x2, qw, bias, config)
+    elif path == "mma" or (path == "auto" and m > GEMV_M and config is None and mma_ok(qw)):
+        if not mma_ok(qw):
+            raise ValueError(f"path='mma': qweight.group_size={qw.group_size} holds {qw.group_size * qw.bits // 32} "
+                             "words at bits=2; the MMA path needs a multiple of 4")
+        y = _launch_mma(x2, qw, bias, config)
     else:
         y = _launch_mm(x2, qw, bias, config)
     return y.reshape(*lead, n)

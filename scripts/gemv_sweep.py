@@ -1,5 +1,6 @@
 """Time the decode kernels over their config space on the GPU (CUDA-graph replay), to shape the tuned spaces.
 python scripts/gemv_sweep.py OUT_DIR [M ...]   (M = 1: the GEMV kernel; M > 1: _dq_mm_kernel)
+KERNEL=mma sweeps _mma_kernel instead (any M), beside bf16 F.linear and the auto path.
 SHAPES="8192x28672,4096x14336" (K x N) limits the shapes."""
 import csv
 import itertools
@@ -14,6 +15,16 @@ from ttha.quant import quantize
 
 out = sys.argv[1] if len(sys.argv) > 1 else "."
 ms = [int(a) for a in sys.argv[2:]] or [1]
+MMA = os.environ.get("KERNEL") == "mma"
+
+
+def mma_configs(m, k, n, bits):
+    ng = k // 128
+    for (bn, warps), split, stages in itertools.product([(64, 4), (128, 8), (128, 4)], [1, 2, 4, 8],
+                                                        [int(v) for v in os.environ.get("STAGES", "4").split(",")]):
+        if ng % split or not 66 <= -(-n // bn) * split <= 132 * 8:
+            continue
+        yield {"BN": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
 
 
 def configs(m, k, n, bits):
@@ -55,7 +66,17 @@ for m in ms:
             qs = rotating(lambda: quantize(w, bits, 128), q.nbytes)
             best = None
             path = "gemv" if m == 1 else "fused"
-            for cfg in configs(m, k, n, bits):
+            space = configs(m, k, n, bits)
+            if MMA:
+                path, space = "mma", mma_configs(m, k, n, bits)
+                wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+                tb = graph_us(lambda w_: torch.nn.functional.linear(x, w_), wb)
+                ta = graph_us(lambda q_: dequant_linear_triton(x, q_), qs)
+                print(f"M{m} K{k} N{n} int{bits}: bf16 {tb:.1f} us, auto path {ta:.1f} us ({tb / ta:.2f}x)", flush=True)
+                rows.append(dict(M=m, K=k, N=n, bits=bits, cfg="bf16", us=tb, GBps=n * k * 2 / (tb * 1e3)))
+                rows.append(dict(M=m, K=k, N=n, bits=bits, cfg="auto", us=ta, GBps=q.nbytes / (ta * 1e3)))
+                del wb
+            for cfg in space:
                 try:
                     t = graph_us(lambda q_: dequant_linear_triton(x, q_, config=cfg, path=path), qs)
                 except Exception as exc:
@@ -65,11 +86,17 @@ for m in ms:
                 rows.append(dict(M=m, K=k, N=n, bits=bits, cfg=str(cfg), us=t, GBps=gbs))
                 if best is None or t < best[0]:
                     best = (t, cfg)
+            if best and MMA:  # the best config's error against the fp32 product of the dequantized weight
+                from ttha.quant import dequantize
+                y = dequant_linear_triton(x, q, config=best[1], path="mma").float()
+                ref = x.float() @ dequantize(q).T
+                print(f"  relerr {float((y - ref).norm() / ref.norm()):.2e}")
             if best:
-                print(f"M{m} K{k} N{n} int{bits}: best {best[0]:.1f} us {q.nbytes / best[0] / 1e3:.0f} GB/s {best[1]}",
+                ratio = f" {tb / best[0]:.2f}x bf16" if MMA else ""
+                print(f"M{m} K{k} N{n} int{bits}: best {best[0]:.1f} us{ratio} {q.nbytes / best[0] / 1e3:.0f} GB/s {best[1]}",
                       flush=True)
             del qs
-with open(f"{out}/gemv_sweep.csv", "w", newline="") as f:
+with open(f"{out}/{'mma' if MMA else 'gemv'}_sweep.csv", "w", newline="") as f:
     wr = csv.DictWriter(f, fieldnames=list(rows[0]))
     wr.writeheader()
     wr.writerows(rows)

@@ -73,6 +73,56 @@ def test_gemv_autotune_space_fits_the_kernel(bits, group, n, k):
         assert c.kwargs["BKW"] * 32 // bits % group == 0 and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (2, 64), (2, 128)])
+@pytest.mark.parametrize("m,bias,dtype,split", [(1, True, torch.bfloat16, 4), (3, False, torch.float16, 1),
+                                                (17, True, torch.bfloat16, 2)])
+def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
+    """The weight-stationary tensor-core kernel (x in MMA order, codes exact in x's dtype, scale and min applied
+    per group in fp32): N = 72 is not a multiple of BN = 64, K = 4 groups in 1..4 splits; M = 17 is one BM = 32
+    tile with rows masked."""
+    x, qw, b, ref = _case(m, 72, 4 * group, bits, group, dtype=dtype, bias=bias, seed=bits * group + m)
+    y = dequant_linear_triton(x, qw, b, config={"BN": 64, "SPLIT_K": split}, path="mma")
+    assert y.shape == (m, 72) and y.dtype == dtype and not y.isnan().any()
+    # only the output rounding: the products and sums are exact or fp32
+    assert _rel(y, ref) < (5e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (72, 4 * 128)])
+def test_mma_autotune_space_fits_the_kernel(group, n, k):
+    """Every tuned split of the MMA kernel covers whole groups; real shapes get 1-4 programs an H100 SM."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    configs = dl._prune_mma(dl.MMA_CONFIGS, {"GROUP": group, "K": k, "N": n})
+    assert configs
+    for c in configs:
+        assert (k // group) % c.kwargs["SPLIT_K"] == 0
+        if n > 1000:
+            assert dl.MIN_PROGRAMS <= -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= 4 * dl.MIN_PROGRAMS
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group,kernel", [(4, 32, "_launch_mma"), (2, 64, "_launch_mma"),
+                                               (2, 32, "_launch_mm")])
+def test_auto_path_takes_the_mma_kernel_where_it_can(bits, group, kernel, monkeypatch):
+    """Rows 2..LARGE_M - 1 go to the MMA kernel, 2-bit groups of 32 (2 words a group) to the matmul kernel."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    x, qw, b, ref = _case(5, 64, 4 * group, bits, group, seed=group)
+    calls = []
+    real = getattr(dl, kernel)
+    monkeypatch.setattr(dl, kernel, lambda *a: calls.append(1) or real(*a))
+    y = dequant_linear_triton(x, qw, b)
+    assert calls == [1] and _rel(y, ref) < 1e-2
+
+@needs_kernel
+def test_mma_path_refuses_two_bit_groups_of_32():
+    x, qw, b, _ = _case(1, 16, 64, 2, 32)
+    with pytest.raises(ValueError, match="group_size=32"):
+        dequant_linear_triton(x, qw, b, path="mma")
+
 @needs_kernel
 def test_fp16_leading_dims_and_tile_config():
     x, qw, b, ref = _case(0, 48, 256, 4, 64, dtype=torch.float16, lead=(2, 3), seed=7)
@@ -170,6 +220,16 @@ def test_gpu_real_sizes(bits, m, dtype):
     y = dequant_linear(x, qw, b)
     assert y.dtype == dtype and _rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)  # operand, output rounding
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_mma_kernel_real_sizes(bits, m, dtype):
+    x, qw, b, ref = _case(m, 4096, 14336, bits, 128, dtype=dtype, seed=m + 7)
+    y = dequant_linear_triton(x, qw, b, path="mma")
+    assert y.dtype == dtype and _rel(y, ref) < (5e-3 if dtype == torch.bfloat16 else 1e-3)  # output rounding
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -313,3 +373,48 @@ def test_word_dot_ptx_sums_code_times_x(bits):
         exact = float(sum(codes * x))
         got = _simulate_ptx(ptx, {"$1": word, **{f"${i + 2}": q for i, q in enumerate(pairs)}})["$0"]
         assert abs(got - exact) <= 4e-3 * float(np.sum(np.abs(codes * x))) + 1e-3, (codes, x, got, exact)
+
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_codes_ptx_and_joins_give_the_mma_order(bits, bf16):
+    """The PTX _mma_kernel unpacks words with on CUDA, simulated, then _mma_codes' joins, permute and reshape
+    (numpy's stack and transpose): every code of a 4-word block comes out exact, as magic + code in x's dtype,
+    at the place mma_order gives its K column, where _x_mma_kernel puts x's value (checked on the kernel below)."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    rng = np.random.default_rng(bits + 2 * bf16)
+    pw, ptx, magic = 32 // bits, dl._codes_ptx(bits, bf16), _half(dl.MMA_MAGIC[bf16], bf16)
+    order = dl.mma_order(bits, 4 * pw).numpy()
+    for _ in range(10):
+        codes = rng.integers(0, 2**bits, (4, pw))  # 4 words
+        outs = np.zeros((pw, 4))
+        for w in range(4):
+            word = sum(int(c) << (bits * j) for j, c in enumerate(codes[w]))
+            regs = _simulate_ptx(ptx, {f"${pw}": word})
+            outs[:, w] = [_half(regs[f"${o}"], bf16) for o in range(pw)]
+        pairs = [np.stack([outs[2 * j], outs[2 * j + 1]], -1) for j in range(pw // 2)]  # tl.join: a new last axis
+        v = np.stack([np.stack(pairs[0:2], -1), np.stack(pairs[2:4], -1)], -1)
+        if bits == 4:
+            v = v.reshape(1, 4, 2, 2, 2).transpose(0, 4, 3, 1, 2)
+        else:
+            v = np.stack([v, np.stack([np.stack(pairs[4:6], -1), np.stack(pairs[6:8], -1)], -1)], -1)
+            v = v.reshape(1, 4, 2, 2, 2, 2).transpose(0, 5, 4, 3, 1, 2)
+        got = v.reshape(-1)[order]  # K order back
+        assert list(got) == list(magic + codes.reshape(-1).astype(float))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 2])
+def test_x_mma_kernel_writes_x_in_mma_order_and_group_sums(bits):
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    m, k, group = 3, 512, 64
+    x = torch.randn(m, k).to(DEV, torch.bfloat16)
+    kw, ng = k * bits // 32, k // group
+    xv = torch.empty_like(x)
+    xs = torch.empty((ng, m), dtype=torch.float32, device=DEV)
+    dl._x_mma_kernel[(kw // 64 if kw >= 64 else 1, m)](x, xv, xs, m, kw, ng, x.stride(0), BITS=bits, GROUP=group,
+                                                       BKW=min(64, kw))
+    assert torch.equal(xv[:, dl.mma_order(bits, k).to(DEV)], x)
+    torch.testing.assert_close(xs, x.float().reshape(m, ng, group).sum(-1).T, rtol=1e-5, atol=1e-5)
