@@ -29,11 +29,10 @@ def bench_us(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
 
 
-def graph_us(fn, items: list) -> float:
-    """GPU time per call without the host's launch overhead: one CUDA graph that calls fn(item) for each
-    item (the L2 rotation), replayed; what a serving loop that captures its decode step pays. Eager timing
-    of a few-microsecond kernel measures the Python launch path instead."""
-    for it in items:  # autotune and compile before the capture
+def capture(fn, items: list):
+    """One CUDA graph that calls fn(item) for each item (the L2 rotation), after an eager warm-up (autotuning
+    and compiling cannot run inside a capture)."""
+    for it in items:
         fn(it)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -45,7 +44,14 @@ def graph_us(fn, items: list) -> float:
     with torch.cuda.graph(graph):
         for it in items:
             fn(it)
-    return bench_us(graph.replay) / len(items)
+    return graph
+
+
+def graph_us(fn, items: list) -> float:
+    """GPU time per call without the host's launch overhead: the graph of fn over the items, replayed; what a
+    serving loop that captures its decode step pays. Eager timing of a few-microsecond kernel measures the
+    Python launch path instead."""
+    return bench_us(capture(fn, items).replay) / len(items)
 
 
 def _graph_or_none(fn, items: list) -> float | None:
@@ -226,6 +232,13 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
                 for name, fn in calls:
                     j, watts = energy_per_call_j(fn)
                     rows.append(dict(K=k, N=n, M=m, kernel=name, energy_mj=j * 1e3, avg_w=watts, table="energy"))
+                # replayed from CUDA graphs (the decode chains auto picks under capture), bf16 the same way
+                for name, fn, items in (("bf16_linear_graph", lambda w_: F.linear(x, w_), ws),
+                                        ("ours_int4_g128_graph", lambda q_: dequant_linear(x, q_), qs[4]),
+                                        ("ours_int2_g128_graph", lambda q_: dequant_linear(x, q_), qs[2])):
+                    j, watts = energy_per_call_j(capture(fn, items).replay)
+                    rows.append(dict(K=k, N=n, M=m, kernel=name, energy_mj=j * 1e3 / len(items), avg_w=watts,
+                                     table="energy"))
         del ws, qs, w8s, wb, gems
         torch.cuda.empty_cache()
 

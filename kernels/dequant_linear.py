@@ -11,12 +11,13 @@ Four regimes, picked from M (rows of x):
   over tiles of whole groups 128-512 bytes wide per row (64-byte rows per tile ran at half the copy
   bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
   host time than its GPU time saves.
-- GEMV_M < M < LARGE_M: `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
+- GEMV_M < M < LARGE_M, under CUDA graph capture (and once per shape and M bucket eagerly, to tune it):
+  `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
   x into the order in which an MMA's A operand holds a thread's unpacked words (`_mma_codes`): the codes go
   from registers straight into the MMA, exact in x's dtype, and each group's scale and min are applied to
   the [BN, BM] sums in fp32. H100, M = 16: 1.9-2.3x of bf16 (int4) where `_dq_mm_kernel` ran 1.4-1.5x.
   Not for 2-bit weights in groups of 32 (2 words a group; the MMA order needs blocks of 4): those, and
-  eager single rows, take
+  eager calls (the chain's launches cost more host time than its GPU time saves), take
 - `_dq_mm_kernel` (`path="fused"`): each [BN, BKW] tile of words unpacked in K order in registers
   (tl.join; each group's (scale, min) repeated over its words) and multiplied with a contiguous [BM, BK]
   slice of x, on the FMA units for few rows or on tensor cores (dequantized into x's dtype by PTX, through
@@ -839,20 +840,24 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 PATHS = ("auto", "gemv", "mma", "fused", "dequant")
-_GEMV_TUNED: set[tuple] = set()  # shapes whose GEMV has run eagerly (so is tuned)
+_CHAIN_TUNED: set[tuple] = set()  # (kernel, shape, M bucket) whose chain has run eagerly (so is tuned)
 
 
-def _gemv_now(x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
-    """The GEMV serves a decode row under CUDA graph capture, and once per shape eagerly: that first call
-    tunes it, as the warm-up before a capture must (autotuning cannot run inside one)."""
+def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
+    """The multi-launch decode chains (x rearranged, then the GEMV or the MMA kernel, then maybe a split-K
+    reduction) serve under CUDA graph capture, and once per shape and M bucket eagerly: that first call tunes
+    them, as the warm-up before a capture must (autotuning cannot run inside one). Other eager calls take the
+    one-launch matmul: on the H100 host the chain's extra launches cost more host time than its GPU time saves
+    (M = 16, 14336x4096: 302 us a call eagerly against 140 for the matmul kernel; 25 us of GPU time from a graph
+    against 33)."""
     if not x2.is_cuda:
         return False
     if torch.cuda.is_current_stream_capturing():
         return True
-    key = (qw.shape, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device)
-    if key in _GEMV_TUNED:
+    key = (kind, qw.shape, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device, _m_bucket(x2.shape[0]))
+    if key in _CHAIN_TUNED:
         return False
-    _GEMV_TUNED.add(key)
+    _CHAIN_TUNED.add(key)
     return True
 
 
@@ -875,9 +880,10 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
     if path == "dequant" or (path == "auto" and m >= LARGE_M and config is None):
         w = dequantize_triton(qw, x.dtype)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
-    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None and _gemv_now(x2, qw, bias)):
+    elif path == "gemv" or (path == "auto" and m <= GEMV_M and config is None and _chain_now("gemv", x2, qw, bias)):
         y = _launch_gemv(x2, qw, bias, config)
-    elif path == "mma" or (path == "auto" and m > GEMV_M and config is None and mma_ok(qw)):
+    elif path == "mma" or (path == "auto" and m > GEMV_M and config is None and mma_ok(qw)
+                           and _chain_now("mma", x2, qw, bias)):
         if not mma_ok(qw):
             raise ValueError(f"path='mma': qweight.group_size={qw.group_size} holds {qw.group_size * qw.bits // 32} "
                              "words at bits=2; the MMA path needs a multiple of 4")

@@ -108,14 +108,34 @@ def test_mma_autotune_space_fits_the_kernel(group, n, k):
 @pytest.mark.parametrize("bits,group,kernel", [(4, 32, "_launch_mma"), (2, 64, "_launch_mma"),
                                                (2, 32, "_launch_mm")])
 def test_auto_path_takes_the_mma_kernel_where_it_can(bits, group, kernel, monkeypatch):
-    """Rows 2..LARGE_M - 1 go to the MMA kernel, 2-bit groups of 32 (2 words a group) to the matmul kernel."""
+    """When the chains serve (graph capture), rows 2..LARGE_M - 1 go to the MMA kernel, 2-bit groups of 32
+    (2 words a group) to the matmul kernel."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     x, qw, b, ref = _case(5, 64, 4 * group, bits, group, seed=group)
     calls = []
     real = getattr(dl, kernel)
     monkeypatch.setattr(dl, kernel, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dl, "_chain_now", lambda kind, *a: kind == "mma")
     y = dequant_linear_triton(x, qw, b)
     assert calls == [1] and _rel(y, ref) < 1e-2
+
+
+def test_chains_serve_under_capture_and_the_first_eager_call_of_a_shape(monkeypatch):
+    """Eagerly, a chain runs once per (kernel, shape, M bucket) to tune it; under capture always; never on CPU."""
+    from types import SimpleNamespace
+
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    monkeypatch.setattr(dl, "_CHAIN_TUNED", set())
+    capturing = {"on": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    qw = quantize(torch.randn(8, 64), 4, 32)
+    x = lambda m: SimpleNamespace(is_cuda=True, shape=(m, 64), dtype=torch.bfloat16, device="cuda:0")  # noqa: E731
+    assert dl._chain_now("mma", x(16), qw, None) and not dl._chain_now("mma", x(16), qw, None)
+    assert not dl._chain_now("mma", x(9), qw, None)  # same M bucket (16): tuned already
+    assert dl._chain_now("mma", x(4), qw, None) and dl._chain_now("gemv", x(16), qw, None)
+    capturing["on"] = True
+    assert dl._chain_now("mma", x(16), qw, None)
+    assert not dl._chain_now("mma", SimpleNamespace(is_cuda=False), qw, None)
 
 @needs_kernel
 def test_mma_path_refuses_two_bit_groups_of_32():
@@ -231,13 +251,16 @@ def test_gpu_mma_kernel_real_sizes(bits, m, dtype):
     y = dequant_linear_triton(x, qw, b, path="mma")
     assert y.dtype == dtype and _rel(y, ref) < (5e-3 if dtype == torch.bfloat16 else 1e-3)  # output rounding
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [4, 2])
-def test_gpu_decode_row_under_graph_capture_uses_the_gemv_kernel(bits):
-    """M = 1 captured in a CUDA graph takes the GEMV kernel (eager calls the one-launch kernel): both match."""
-    x, qw, b, ref = _case(1, 14336, 4096, bits, 128, seed=5)
-    dequant_linear(x, qw, b)  # warm-up: the first eager call of a shape tunes the GEMV
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_decode_rows_under_graph_capture_use_the_chain_kernels(bits, m):
+    """M = 1 (the GEMV) and M = 16 (the MMA kernel) captured in a CUDA graph take their chain kernels (eager
+    calls the one-launch matmul kernel): both match."""
+    x, qw, b, ref = _case(m, 14336, 4096, bits, 128, seed=5)
+    dequant_linear(x, qw, b)  # warm-up: the first eager call of a shape tunes the chain
     eager = dequant_linear(x, qw, b)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
