@@ -188,7 +188,7 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
             nw = cycler(ws)
             t_ref = bench_us(lambda: F.linear(x, nw()))
             base = dict(K=k, N=n, M=m, torch_us=t_ref)
-            decode = m <= 16  # also timed from a CUDA graph (GPU time without launch overhead)
+            decode = m < LARGE_M  # also timed from a CUDA graph (GPU time without launch overhead)
             g_ref = graph_us(lambda w_: F.linear(x, w_), ws) if decode else None
             base.update(torch_graph_us=g_ref)
             rows.append(dict(base, kernel="bf16_linear", us=t_ref, graph_us=g_ref, bytes=wb.numel() * 2 + io))
@@ -202,8 +202,7 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
                 rows.append(dict(base, kernel=f"ours_int{b}_g128", us=t, graph_us=tg, bytes=q[b].nbytes + io,
                                  relerr=relerr))
                 # the kernels the auto path did not pick, to place its switches on data
-                others = (("fused", "mma") if m <= GEMV_M else ("gemv", "fused")) if decode else \
-                    ("mma", "fused") if m >= LARGE_M else ("dequant", "fused")
+                others = ("fused", "mma") if m <= GEMV_M else ("fused",) if decode else ("mma", "fused")
                 for other in others:
                     to = bench_us(lambda: dequant_linear_triton(x, nq(), path=other))
                     tog = graph_us(lambda q_: dequant_linear_triton(x, q_, path=other), qs[b]) if decode else None
