@@ -43,11 +43,10 @@ from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
                 # _dq_mm_kernel; replayed from a graph the GEMV runs 2.2-4.4x of bf16 vs 1.5-2.3x (H100)
-SMALL_M = 16    # at or below: decode regime (GEMV-like)
-LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: ~0.9x of bf16 at M = 4096; at M = 256 both
-                # paths run at 0.4-0.57x and dequantizing first wins for int2 at every bench shape). Below, the
-                # fused kernel: at M = 64 it ran int4 in 49 / 124 / 164 us where dequantizing first took
-                # 118 / 121 / 492 (bench shapes, 2026-11-24)
+SMALL_M = 16    # at or below: the fused kernel's decode tiles (FMA or 16-row tensor-core tiles)
+LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: 0.90-0.96x of bf16 at M = 4096; at M = 256 every
+                # path runs at 0.3-0.5x). Below, the MMA chain under graph capture (M = 64: 1.28-1.41x of bf16) and
+                # the fused kernel eagerly (2026-11-24, kernels/BENCH_H100.md seventh version)
 MAX_SPLIT_K = 8  # largest split in the tuned configs (sizes the partial-sum buffer)
 
 

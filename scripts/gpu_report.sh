@@ -2,25 +2,27 @@
 # The GPU measurements behind the closing notes, on the lent H100 (device tool), in parts that each fit
 # one 10-minute call (back to back: part 3 uses part 2's cost model when the machine is still the same).
 # Outputs land in $OUT (or outputs/gpu_report).
-#   1: GPU tests and the kernel benchmark's decode rows (M = 1, 4, 16; ~8 min with gemlite installed)
+#   0: GPU tests (~5 min with autotuning)
+#   1: the kernel benchmark's decode rows (M = 1, 4, 16; ~7 min with gemlite installed)
 #   1b: the rest of the kernel benchmark (M = 64, 256, 4096, energy, router, paced calls; ~6 min)
 #   2: expert cost model re-profiled with these kernels
 #   3: h100_stress: router static/ttha x ttt always/budget x 3 seeds (pretrains its model first)
 #   4: the stressors' own effect
 # Needs the wheel folder .whl (../shared/device/wheelhouse.sh) carried along.
 set -uo pipefail
-part="${1:?usage: gpu_report.sh 1|1b|2|3|4}"
+part="${1:?usage: gpu_report.sh 0|1|1b|2|3|4}"
 OUT="${OUT:-outputs/gpu_report}"; mkdir -p "$OUT"
 source scripts/device_setup.sh || exit 1
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 nvidia-smi --query-gpu=name,power.draw,power.limit,temperature.gpu,clocks.sm --format=csv,noheader
 log() { echo "== $* ($(date +%T))"; }
 case "$part" in
-1)  # GPU tests (~2.5 min with autotuning), then the decode rows of the kernel table (bench.csv/json hold them too)
+0)
   log "GPU tests"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+1)  # the decode rows of the kernel table (bench.csv/json hold them too)
   log "kernel bench, decode"
-  timeout 340 python3 -m ttha.kernels.bench --only linear --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
+  timeout 560 python3 -m ttha.kernels.bench --only linear --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
     | grep -v "^\s*$" | tail -120 ;;
 1b)
   log "kernel bench, M >= 64, energy, router, paced calls"
@@ -45,5 +47,5 @@ case "$part" in
     --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac,overhead/ttha_host_frac,overhead/router_bias_frac | tee "$OUT/overhead.md" ;;
 4)  # what each stressor adds on its own (~1.5 min)
   timeout 150 python3 -m ttha.stress --measure matmul bursty thermal_ramp --seconds 10 --json "$OUT/stress.json" ;;
-*) echo "part must be 1, 1b, 2, 3 or 4" >&2; exit 2 ;;
+*) echo "part must be 0, 1, 1b, 2, 3 or 4" >&2; exit 2 ;;
 esac
