@@ -480,6 +480,14 @@ if HAS_TRITON:
             tl.store(p_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=n_ok)
 
     @triton.jit
+    def _mma_magic(BF16: tl.constexpr):
+        """The value of MMA_MAGIC (fp16 1024, bf16 128): magic + code is what _mma_codes gives."""
+        if BF16:
+            return 128.0
+        else:
+            return 1024.0
+
+    @triton.jit
     def _mma_codes(words, BITS: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
         """[R, W] int32 words (W a multiple of 4) -> [R, W * PW] magic + code in x's dtype, in the MMA order
         (mma_order): code c of word kw at 4 PW (kw // 4) + 8 (c % PP) + 2 (kw % 4) + c // PP. That is the order
@@ -491,7 +499,6 @@ if HAS_TRITON:
         R: tl.constexpr = words.shape[0]
         W: tl.constexpr = words.shape[1]
         dt = tl.bfloat16 if BF16 else tl.float16
-        magic: tl.constexpr = 128.0 if BF16 else 1024.0
         PP: tl.constexpr = 16 // BITS
         if ASM:
             if BITS == 4:
@@ -506,8 +513,8 @@ if HAS_TRITON:
             m: tl.constexpr = (1 << BITS) - 1
             c = ()
             for p in tl.static_range(PP):
-                c = c + ((((words >> (BITS * p)) & m).to(tl.float32) + magic).to(dt),
-                         (((words >> (16 + BITS * p)) & m).to(tl.float32) + magic).to(dt))
+                c = c + ((((words >> (BITS * p)) & m).to(tl.float32) + _mma_magic(BF16)).to(dt),
+                         (((words >> (16 + BITS * p)) & m).to(tl.float32) + _mma_magic(BF16)).to(dt))
         p0, p1, p2, p3 = tl.join(c[0], c[1]), tl.join(c[2], c[3]), tl.join(c[4], c[5]), tl.join(c[6], c[7])
         v = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [R, W, h, j0, j1]: code j + 4 h, j = j0 + 2 j1
         if BITS == 4:
@@ -564,7 +571,7 @@ if HAS_TRITON:
             gdc_launch_dependents()
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW
-        magic: tl.constexpr = 128.0 if xv_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+        BF16: tl.constexpr = xv_ptr.dtype.element_ty == tl.bfloat16
         KW = K // PW
         NG = K // GROUP
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -588,14 +595,14 @@ if HAS_TRITON:
             # the last group loads itself again (no mask to compute)
             sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok,
                                                  tl.minimum(g + 1, g_hi - 1), M, NG)
-            a = _mma_codes(words, BITS, xt.dtype == tl.bfloat16, ASM)
+            a = _mma_codes(words, BITS, BF16, ASM)
             if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
                 d = tl.dot(a.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
             else:
                 d = tl.dot(a, xt)
             sc = sc.to(tl.float32)
             acc = tl.fma(d, sc[:, None], acc)
-            acc = tl.fma((mn.to(tl.float32) - magic * sc)[:, None], xs[None, :], acc)
+            acc = tl.fma((mn.to(tl.float32) - _mma_magic(BF16) * sc)[:, None], xs[None, :], acc)
         if HAS_BIAS:
             acc += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)[:, None]
         offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
@@ -683,6 +690,16 @@ if HAS_TRITON:
     GEMV_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)  # sizes the partial-sum buffer
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
 
+    def _fill_sms(fits: list, n: int, per_sm: int, ok=lambda c: True) -> list:
+        """The configs (BN rows x SPLIT_K programs) that pass `ok` and give 1 to `per_sm` programs per SM; shapes
+        too small for that (tests, toy models) get the configs with the most programs the shape allows."""
+        programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
+        fill = [c for c in fits if ok(c) and MIN_PROGRAMS <= programs(c) <= per_sm * MIN_PROGRAMS]
+        if fill:
+            return fill
+        most = max(programs(c) for c in fits)
+        return [c for c in fits if programs(c) == most][:4]
+
     def _prune_gemv(configs, named_args, **kwargs):
         """Tiles of whole groups, whole tiles per split, 16-32 words a thread (where the best tiles of the H100
         sweep lay, scripts/gemv_sweep.py) and 1-8 programs per SM; shapes too small for that get the
@@ -691,14 +708,7 @@ if HAS_TRITON:
         wpg, kwn, n = args["GROUP"] * args["BITS"] // 32, args["KW"], args["N"]
         fits = [c for c in configs  # whole groups a tile, whole tiles a split
                 if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
-        programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
-        fill = [c for c in fits if 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32
-                and MIN_PROGRAMS <= programs(c) <= 8 * MIN_PROGRAMS]
-        if fill:
-            return fill
-        # small N and K (tests, toy models): the most programs the shape allows
-        most = max(programs(c) for c in fits)
-        return [c for c in fits if programs(c) == most][:4]
+        return _fill_sms(fits, n, 8, lambda c: 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32)
 
     _gemv_tuned = triton.autotune(
         configs=GEMV_CONFIGS, key=["N", "KW", "BITS", "GROUP", "HAS_BIAS"],
@@ -716,12 +726,7 @@ if HAS_TRITON:
         args = {**named_args, **kwargs}
         ng, n = args["K"] // args["GROUP"], args["N"]
         fits = [c for c in configs if ng % c.kwargs["SPLIT_K"] == 0]
-        programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
-        fill = [c for c in fits if MIN_PROGRAMS <= programs(c) <= 4 * MIN_PROGRAMS]
-        if fill:
-            return fill
-        most = max(programs(c) for c in fits)
-        return [c for c in fits if programs(c) == most][:4]
+        return _fill_sms(fits, n, 4)
 
     _mma_tuned = triton.autotune(
         configs=MMA_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_BIAS"],
@@ -776,6 +781,23 @@ def _pdl_ok(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _launch_chain(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None, prep, bufs: tuple,
+                  prep_sizes: tuple, kernel, tuned, max_split: int, grid, sizes: tuple, **meta) -> torch.Tensor:
+    """A decode chain: `prep` rearranges x into `bufs` (one small kernel over BKW words of a row a program,
+    whole groups), then `kernel` (autotuned `tuned`, or `config`) reads them, then the split-K reduction when
+    the config splits; launched as programmatic dependents where the GPU has it."""
+    m, n = x2.shape[0], qw.shape[0]
+    pw = 32 // qw.bits
+    bkw_x = max(64, qw.group_size // pw)  # whole groups per program
+    pdl = _pdl_ok(x2.device)
+    prep[(triton.cdiv(qw.shape[1] // pw, bkw_x), m)](x2, *bufs, *prep_sizes, x2.stride(0), BITS=qw.bits,
+                                                     GROUP=qw.group_size, BKW=bkw_x, PDL=pdl)
+    max_split = int(config["SPLIT_K"]) if config is not None else max_split
+    inputs = (*bufs, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
+    meta = dict(meta, BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting())
+    return _launch_split_k(kernel, tuned, grid, inputs, sizes, meta, config, max_split, m, n, x2, pdl)
+
+
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     """Decode rows: x's pairs (one small kernel), the GEMV kernel per row, the split-K reduction."""
     m, (n, k) = x2.shape[0], qw.shape
@@ -786,16 +808,8 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
         config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
     xp = torch.empty((m, pw // 2 * kw), dtype=torch.int32, device=x2.device)
     xg = torch.empty((m, 2 * ng), dtype=torch.float32, device=x2.device)
-    bkw_x = max(64, qw.group_size // pw)  # whole groups per program
-    pdl = _pdl_ok(x2.device)
-    _x_pairs_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xp, xg, kw, ng, x2.stride(0), BITS=qw.bits,
-                                                 GROUP=qw.group_size, BKW=bkw_x, PDL=pdl)
-    max_split = int(config["SPLIT_K"]) if config is not None else GEMV_MAX_SPLIT
-    inputs = (xp, xg, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
-    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting())
-    return _launch_split_k(_gemv_kernel, _gemv_tuned, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])),
-                           inputs, (m, n, kw, ng), meta, config, max_split, m, n, x2, pdl)
-
+    return _launch_chain(x2, qw, bias, config, _x_pairs_kernel, (xp, xg), (kw, ng), _gemv_kernel, _gemv_tuned,
+                         GEMV_MAX_SPLIT, lambda c: (triton.cdiv(n, c["BN"]), m, int(c["SPLIT_K"])), (m, n, kw, ng))
 
 
 def mma_ok(qw: QuantizedWeight) -> bool:
@@ -807,24 +821,16 @@ def _launch_mma(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None
     """Decode rows on tensor cores: x in MMA order with its group sums (one small kernel), the weight-stationary
     matmul, the split-K reduction when the config splits."""
     m, (n, k) = x2.shape[0], qw.shape
-    pw = 32 // qw.bits
-    kw, ng = k // pw, k // qw.group_size
+    kw, ng = k * qw.bits // 32, k // qw.group_size
     bm = max(16, min(_m_bucket(m), 64))
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
         config = {"BN": 64, "SPLIT_K": 2 if ng % 2 == 0 else 1}
     xv = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
     xs = torch.empty((ng, m), dtype=torch.float32, device=x2.device)
-    bkw_x = max(64, qw.group_size // pw)  # whole groups per program
-    pdl = _pdl_ok(x2.device)
-    _x_mma_kernel[(triton.cdiv(kw, bkw_x), m)](x2, xv, xs, m, kw, ng, x2.stride(0), BITS=qw.bits,
-                                               GROUP=qw.group_size, BKW=bkw_x, PDL=pdl)
-    max_split = int(config["SPLIT_K"]) if config is not None else MMA_MAX_SPLIT
-    inputs = (xv, xs, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
-    meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, ASM=not interpreting(),
-                DOT_F32=interpreting(), BM=bm)
-    return _launch_split_k(_mma_kernel, _mma_tuned,
-                           lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, bm), int(c["SPLIT_K"])),
-                           inputs, (m, n, k, _m_bucket(m)), meta, config, max_split, m, n, x2, pdl)
+    return _launch_chain(x2, qw, bias, config, _x_mma_kernel, (xv, xs), (m, kw, ng), _mma_kernel, _mma_tuned,
+                         MMA_MAX_SPLIT, lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, bm), int(c["SPLIT_K"])),
+                         (m, n, k, _m_bucket(m)), DOT_F32=interpreting(), BM=bm)
+
 
 def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in `dtype`, one coalesced pass (the large-M path's first step)."""
@@ -885,7 +891,7 @@ def dequant_linear_triton(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tens
                            and _chain_now("mma", x2, qw, bias)):
         if not mma_ok(qw):
             raise ValueError(f"path='mma': qweight.group_size={qw.group_size} holds {qw.group_size * qw.bits // 32} "
-                             "words at bits=2; the MMA path needs a multiple of 4")
+                             f"words at bits={qw.bits}; the MMA path needs a multiple of 4")
         y = _launch_mma(x2, qw, bias, config)
     else:
         y = _launch_mm(x2, qw, bias, config)

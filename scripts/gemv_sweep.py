@@ -11,7 +11,7 @@ import torch
 
 from ttha.kernels.bench import graph_us, rotating
 from ttha.kernels.dequant_linear import dequant_linear_triton
-from ttha.quant import quantize
+from ttha.quant import dequantize, quantize
 
 out = sys.argv[1] if len(sys.argv) > 1 else "."
 ms = [int(a) for a in sys.argv[2:]] or [1]
@@ -87,7 +87,6 @@ for m in ms:
                 if best is None or t < best[0]:
                     best = (t, cfg)
             if best and MMA:  # the best config's error against the fp32 product of the dequantized weight
-                from ttha.quant import dequantize
                 y = dequant_linear_triton(x, q, config=best[1], path="mma").float()
                 ref = x.float() @ dequantize(q).T
                 print(f"  relerr {float((y - ref).norm() / ref.norm()):.2e}")
