@@ -3,15 +3,18 @@
 Measures, in one run: device copy bandwidth (the roofline), fused dequant-linear (int4, int2,
 group 128) vs torch bf16 F.linear (cuBLAS) vs FP8 torch._scaled_mm (row-wise scales, x quantized
 in the timed call) [vs gemlite when installed], NVML energy per call over >= 2 s saturated loops,
-the fused router vs the torch sequence, and paced single-call rates (launch overhead).
+where a captured decode call's GPU time goes (each kernel's time, torch.profiler), the fused router vs
+the torch sequence, and paced single-call rates (launch overhead).
 Writes bench.csv and bench.json to --out (default $OUT or outputs/kernel_bench) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -29,9 +32,9 @@ def bench_us(fn, warmup=25, rep=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
 
 
-def capture(fn, items: list):
-    """One CUDA graph that calls fn(item) for each item (the L2 rotation), after an eager warm-up (autotuning
-    and compiling cannot run inside a capture)."""
+def capture(fn, items: list, repeat: int = 1):
+    """One CUDA graph that calls fn(item) for each item (the L2 rotation), `repeat` times over, after an eager
+    warm-up (autotuning and compiling cannot run inside a capture)."""
     for it in items:
         fn(it)
     side = torch.cuda.Stream()
@@ -42,16 +45,46 @@ def capture(fn, items: list):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for it in items:
+        for it in items * repeat:
             fn(it)
     return graph
 
 
+GRAPH_CALLS = 16  # calls a timed graph holds at least, so its launch is a small share of its time
+
+
+def replay_us(graph, calls: int, replays: int = 10, repeats: int = 5) -> float:
+    """GPU time per call of a graph of `calls` calls: `replays` replays back to back between two CUDA events,
+    the median of `repeats`. Not do_bench: it zeroes a 256 MB buffer before each timed call, and writing back the
+    dirty L2 lines that leaves costs the call after it up to ~20 us (H100, bf16 F.linear 8192x28672: 160.5 us of
+    kernel, 179.8 us per call from a graph of one call), a share that falls with the calls the graph holds and so
+    favoured kernels whose rotation held more copies. Back to back, the rotation over >= 256 MiB of weights is
+    what keeps L2 from serving them, as in a decode loop."""
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * calls))
+    return statistics.median(times)
+
+
+def timing_graph(fn, items: list):
+    """(graph, calls): a graph of fn over the items, repeated to at least GRAPH_CALLS calls."""
+    repeat = -(-GRAPH_CALLS // len(items))
+    return capture(fn, items, repeat), len(items) * repeat
+
+
 def graph_us(fn, items: list) -> float:
-    """GPU time per call without the host's launch overhead: the graph of fn over the items, replayed; what a
-    serving loop that captures its decode step pays. Eager timing of a few-microsecond kernel measures the
-    Python launch path instead."""
-    return bench_us(capture(fn, items).replay) / len(items)
+    """GPU time per call without the host's launch overhead: a timing_graph of fn over the items, replayed back
+    to back; what a serving loop that captures its decode step pays. Eager timing of a few-microsecond kernel
+    measures the Python launch path instead."""
+    return replay_us(*timing_graph(fn, items))
 
 
 def _graph_or_none(fn, items: list) -> float | None:
@@ -242,6 +275,47 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
         torch.cuda.empty_cache()
 
 
+def kernel_us_per_call(graph, calls: int, replays: int = 20) -> dict[str, float]:
+    """GPU time of each kernel in a CUDA graph of `calls` calls, per call (torch.profiler over `replays` replays).
+    Under programmatic dependent launch a kernel starts before the one it waits on ends, so times may overlap."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / (replays * calls) for e in prof.key_averages()
+            if e.device_type.name == "CUDA" and e.count}
+
+
+def run_profile(rows: list, quick: bool, ms: list[int] | None = None) -> None:
+    """Where a captured decode call's GPU time goes: replay time per call beside each kernel's own time (the
+    x-prep kernel, the main kernel, the split-K reduction), for ours and bf16 F.linear. The replay time over the
+    main kernel's is what launches, waits and the first and last waves cost."""
+    from ttha.kernels import dequant_linear
+    from ttha.kernels.dequant_linear import LARGE_M
+    from ttha.quant import quantize
+
+    for k, n in SHAPES[:1] if quick else SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device="cuda") / k**0.5
+        ws = rotating(lambda: w.to(torch.bfloat16), n * k * 2)
+        qs = {b: rotating(lambda b=b: quantize(w, b, 128), n * k * b // 8) for b in (4, 2)}  # codes' bytes
+        for m in [m for m in (ms or (1, 16)) if m < LARGE_M]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for name, fn, items in (("bf16_linear", lambda w_: F.linear(x, w_), ws),
+                                    ("ours_int4_g128", lambda q_: dequant_linear(x, q_), qs[4]),
+                                    ("ours_int2_g128", lambda q_: dequant_linear(x, q_), qs[2])):
+                graph, calls = timing_graph(fn, items)
+                per_call = replay_us(graph, calls)
+                parts = kernel_us_per_call(graph, calls)
+                rows.append(dict(table="profile", K=k, N=n, M=m, kernel=name, graph_us=per_call, kernels=parts,
+                                 gap_us=per_call - max(parts.values())))
+                del graph
+        del ws, qs
+        torch.cuda.empty_cache()
+
+
 def torch_router(logits, bias, k):
     p = torch.softmax(logits + bias, dim=-1)
     w, i = p.topk(k, dim=-1)
@@ -322,6 +396,14 @@ def fmt_table(rows: list) -> str:
             out.append(f"{r['T']:>6} {r['E']:>4} {r['k']:>2} {r['us']:8.1f} {r['torch_us']:9.1f} {r['ratio']:6.2f} "
                        f"{r['GBps']:6.0f} {r['index_agreement']:9.4f} {r['graph_us']:9.1f} {r['torch_graph_us']:10.1f} "
                        f"{r['graph_ratio']:7.2f}")
+    pr = [r for r in rows if r.get("table") == "profile"]
+    if pr:
+        out.append(f"\ncaptured decode calls: GPU us per call, and each kernel's (torch.profiler)\n{'K x N':>12} {'M':>3} "
+                   f"{'kernel':>16} {'graph us':>9} {'gap us':>7}  kernels")
+        for r in pr:
+            parts = ", ".join(f"{name[:28]} {us:.1f}" for name, us in r["kernels"].items())
+            out.append(f"{r['K']:>5}x{r['N']:<6} {r['M']:>3} {r['kernel']:>16} {r['graph_us']:9.1f} {r['gap_us']:7.1f}  "
+                       f"{parts}")
     la = [r for r in rows if r.get("table") == "launch"]
     if la:
         out.append("\npaced single calls (sync after each)")
@@ -334,7 +416,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer M and router sizes")
-    ap.add_argument("--only", default="linear,energy,router,launch")
+    ap.add_argument("--only", default="linear,energy,profile,router,launch")
     ap.add_argument("--ms", default="", help="comma-separated M values for the linear table (default: all)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -351,6 +433,7 @@ def main(argv=None) -> None:
     rows: list = []
     sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only,
                                                  ms=[int(m) for m in args.ms.split(",") if m])),
+                ("profile", lambda: run_profile(rows, args.quick, [int(m) for m in args.ms.split(",") if m])),
                 ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows))]
     for name, fn in sections:
         if name in only:
@@ -371,10 +454,10 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     keys = sorted({k for r in rows for k in r})
-    with open(os.path.join(args.out, "bench.csv"), "w") as f:
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+    with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:  # csv quotes the profile's kernel dicts
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s on {meta['device']}")
     print(fmt_table(rows))
 

@@ -3,7 +3,7 @@
 # one 10-minute call (back to back: part 3 uses part 2's cost model when the machine is still the same).
 # Outputs land in $OUT (or outputs/gpu_report).
 #   0: GPU tests (~5 min with autotuning)
-#   1: the kernel benchmark's decode rows (M = 1, 4, 16; ~7 min with gemlite installed)
+#   1: the kernel benchmark's decode rows (M = 1, 4, 16; ~7 min with gemlite installed) and where their time goes
 #   1b: the rest of the kernel benchmark (M = 64, 256, 4096, energy, router, paced calls; ~6 min)
 #   2: expert cost model re-profiled with these kernels
 #   3: h100_stress: router static/ttha x ttt always/budget x 3 seeds (pretrains its model first)
@@ -22,11 +22,12 @@ case "$part" in
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
 1)  # the decode rows of the kernel table (bench.csv/json hold them too)
   log "kernel bench, decode"
-  timeout 560 python3 -m ttha.kernels.bench --only linear --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
-    | grep -v "^\s*$" | tail -120 ;;
+  timeout 560 python3 -m ttha.kernels.bench --only linear,profile --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
+    | grep -v "^\s*$" | tail -140 ;;
 1b)
   log "kernel bench, M >= 64, energy, router, paced calls"
-  timeout 560 python3 -m ttha.kernels.bench --ms 64,256,4096 --out "$OUT/bench_rest" 2>&1 | grep -v "^\s*$" | tail -150 ;;
+  timeout 560 python3 -m ttha.kernels.bench --only linear,energy,router,launch --ms 64,256,4096 --out "$OUT/bench_rest" \
+    2>&1 | grep -v "^\s*$" | tail -150 ;;
 2)  # expert cost model with these kernels; the other ops carried over from the shipped file (~2 min)
   timeout 400 python3 profile_kernels.py \
     "ops=[expert_16bit,expert_fp8,expert_int4,expert_int2,expert_int4_torch,expert_int2_torch]" \
