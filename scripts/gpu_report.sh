@@ -3,14 +3,15 @@
 # one 10-minute call (back to back: part 3 uses part 2's cost model when the machine is still the same).
 # Outputs land in $OUT (or outputs/gpu_report).
 #   0: GPU tests (~5 min with autotuning)
-#   1: the kernel benchmark's decode rows (M = 1, 4, 16; ~7 min with gemlite installed) and where their time goes
+#   1: the kernel benchmark's decode rows (M = 1, 4, 16; ~7 min with gemlite installed)
+#   1p: where a captured decode call's GPU time goes, kernel by kernel (M = 1, 16; ~2.5 min)
 #   1b: the rest of the kernel benchmark (M = 64, 256, 4096, energy, router, paced calls; ~6 min)
 #   2: expert cost model re-profiled with these kernels
 #   3: h100_stress: router static/ttha x ttt always/budget x 3 seeds (pretrains its model first)
 #   4: the stressors' own effect
 # Needs the wheel folder .whl (../shared/device/wheelhouse.sh) carried along.
 set -uo pipefail
-part="${1:?usage: gpu_report.sh 0|1|1b|2|3|4}"
+part="${1:?usage: gpu_report.sh 0|1|1p|1b|2|3|4}"
 OUT="${OUT:-outputs/gpu_report}"; mkdir -p "$OUT"
 source scripts/device_setup.sh || exit 1
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
@@ -22,8 +23,12 @@ case "$part" in
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
 1)  # the decode rows of the kernel table (bench.csv/json hold them too)
   log "kernel bench, decode"
-  timeout 560 python3 -m ttha.kernels.bench --only linear,profile --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
-    | grep -v "^\s*$" | tail -140 ;;
+  timeout 560 python3 -m ttha.kernels.bench --only linear --ms 1,4,16 --out "$OUT/bench_decode" 2>&1 \
+    | grep -v "^\s*$" | tail -120 ;;
+1p)
+  log "kernel bench, decode profile"
+  timeout 560 python3 -m ttha.kernels.bench --only profile --ms 1,16 --out "$OUT/bench_profile" 2>&1 \
+    | grep -v "^\s*$" | tail -30 ;;
 1b)
   log "kernel bench, M >= 64, energy, router, paced calls"
   timeout 560 python3 -m ttha.kernels.bench --only linear,energy,router,launch --ms 64,256,4096 --out "$OUT/bench_rest" \
