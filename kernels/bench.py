@@ -412,12 +412,24 @@ def fmt_table(rows: list) -> str:
     return "\n".join(out)
 
 
+def _ms(text: str) -> list[int]:
+    """--ms: comma-separated positive M values, parsed once, before any GPU work."""
+    try:
+        ms = [int(m) for m in text.split(",") if m]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ms={text!r}: expected comma-separated integers, e.g. 1,16") from None
+    if any(m < 1 for m in ms):
+        raise argparse.ArgumentTypeError(f"--ms={text!r}: every M must be at least 1")
+    return ms
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer M and router sizes")
     ap.add_argument("--only", default="linear,energy,profile,router,launch")
-    ap.add_argument("--ms", default="", help="comma-separated M values for the linear table (default: all)")
+    ap.add_argument("--ms", default=[], type=_ms,
+                    help="comma-separated M values for the linear and profile tables (default: all / 1,16)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
@@ -432,8 +444,8 @@ def main(argv=None) -> None:
     print(json.dumps(meta), flush=True)
     rows: list = []
     sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only,
-                                                 ms=[int(m) for m in args.ms.split(",") if m])),
-                ("profile", lambda: run_profile(rows, args.quick, [int(m) for m in args.ms.split(",") if m])),
+                                                 ms=args.ms)),
+                ("profile", lambda: run_profile(rows, args.quick, args.ms)),
                 ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows))]
     for name, fn in sections:
         if name in only:

@@ -22,3 +22,17 @@ def test_bench_refuses_to_run_without_a_gpu(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench.main(["--only", "profile"])
+
+
+@pytest.mark.parametrize("ms", ["1,x", "0,16"])
+def test_bad_ms_is_refused_before_any_gpu_work(ms, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: pytest.fail("GPU work started"))
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        bench.main(["--ms", ms])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--ms={ms!r}" in err
+
+
+def test_ms_parses_once_into_integers():
+    assert bench._ms("1,16,") == [1, 16] and bench._ms("") == []
