@@ -428,6 +428,34 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw0, BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
+        """The [BN, BKW] words at word kw0 of rows w_rows and their groups' (scale, min) [BN, GT] (fp16)."""
+        PW: tl.constexpr = 32 // BITS
+        GT: tl.constexpr = BKW // (GROUP // PW)
+        g = (kw0 * PW) // GROUP + tl.arange(0, GT)
+        words = tl.load(w_rows + kw0 + tl.arange(0, BKW)[None, :], mask=n_ok[:, None], other=0)
+        return (words, tl.load(s_rows + g[None, :], mask=n_ok[:, None], other=0.0),
+                tl.load(m_rows + g[None, :], mask=n_ok[:, None], other=0.0))
+
+    @triton.jit
+    def _gemv_tile(acc, acc_min, words, sc, mn, x_row, g_row, KW, NG, kw0,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr, ASM: tl.constexpr):
+        """One [BN, BKW] tile of words with its groups' fp16 (scale, min) [BN, GT] into the accumulators: acc
+        [BN, GT, WPG] takes each word's code-times-x sum times its group's scale, acc_min [BN, GT] each min times
+        x's group sum. (Summing each group's words before scaling was faster alone but slower in the chain on
+        the H100: 2-bit 8192x28672 34.9 against 33.6 us a call; scripts/layout_probe.py, BENCH_H100.md.)"""
+        PW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PW
+        GT: tl.constexpr = BKW // WPG
+        kw = kw0 + tl.arange(0, BKW)
+        g = (kw0 * PW) // GROUP + tl.arange(0, GT)
+        sc = sc.to(tl.float32) * tl.load(g_row + NG + g)[None, :]  # undo x's group scaling
+        dots = tl.reshape(_word_dot(words, x_row, KW, kw, BITS, ASM), (words.shape[0], GT, WPG))
+        acc += dots * sc[:, :, None]
+        acc_min += mn.to(tl.float32) * tl.load(g_row + g)[None, :]
+        return acc, acc_min
+
+    @triton.jit
     def _gemv_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, KW, NG,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                      BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
@@ -436,15 +464,12 @@ if HAS_TRITON:
 
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
         so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
-        x's group scaling, undone), and per group the min times the group's x sum. ~2.5 SASS instructions a
-        code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K (BKW words, up to
-        512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of many rows ran at
-        half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for
-        _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so wait for x's pairs, and let the
-        reduction launch."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.5 SASS
+        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K
+        (BKW words, up to 512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of
+        many rows ran at half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
+        for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (weights only)
+        is loaded before waiting for x's pairs, then the reduction may launch."""
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW  # words per group
         GT: tl.constexpr = BKW // WPG  # whole groups per tile
@@ -459,17 +484,15 @@ if HAS_TRITON:
         m_rows = m_ptr + rn64[:, None] * NG
         per_split = KW // SPLIT_K  # a multiple of BKW (the host's configs ensure it)
         kw_lo = pid_k * per_split
-        acc = tl.zeros((BN, GT, WPG), dtype=tl.float32)
-        acc_min = tl.zeros((BN, GT), dtype=tl.float32)
-        for kw0 in tl.range(kw_lo, kw_lo + per_split, BKW, num_stages=NUM_STAGES):
-            kw = kw0 + tl.arange(0, BKW)
-            words = tl.load(w_rows + kw[None, :], mask=n_ok[:, None], other=0)
-            g = (kw0 * PW) // GROUP + tl.arange(0, GT)
-            sc = tl.load(s_rows + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            mn = tl.load(m_rows + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            sc *= tl.load(g_row + NG + g)[None, :]  # undo x's group scaling
-            acc += tl.reshape(_word_dot(words, x_row, KW, kw, BITS, ASM), (BN, GT, WPG)) * sc[:, :, None]
-            acc_min += mn * tl.load(g_row + g)[None, :]
+        words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw_lo, BITS, GROUP, BKW)  # x not needed yet
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        acc, acc_min = _gemv_tile(tl.zeros((BN, GT, WPG), dtype=tl.float32), tl.zeros((BN, GT), dtype=tl.float32),
+                                  words, sc, mn, x_row, g_row, KW, NG, kw_lo, BITS, GROUP, BKW, ASM)
+        for kw0 in tl.range(kw_lo + BKW, kw_lo + per_split, BKW, num_stages=NUM_STAGES):
+            words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw0, BITS, GROUP, BKW)
+            acc, acc_min = _gemv_tile(acc, acc_min, words, sc, mn, x_row, g_row, KW, NG, kw0, BITS, GROUP, BKW, ASM)
         out = tl.sum(tl.sum(acc, axis=2) + acc_min, axis=1)
         if HAS_BIAS:
             out += tl.where(pid_k == 0, tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32), 0.0)
