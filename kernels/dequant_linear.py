@@ -468,8 +468,9 @@ if HAS_TRITON:
         instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K
         (BKW words, up to 512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of
         many rows ran at half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
-        for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (weights only)
-        is loaded before waiting for x's pairs, then the reduction may launch."""
+        for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (words, scales,
+        mins: nothing _x_pairs_kernel writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a
+        call less), then the reduction may launch."""
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW  # words per group
         GT: tl.constexpr = BKW // WPG  # whole groups per tile
