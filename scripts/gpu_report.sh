@@ -12,6 +12,10 @@
 # Needs the wheel folder .whl (../shared/device/wheelhouse.sh) carried along.
 set -uo pipefail
 part="${1:?usage: gpu_report.sh 0|1|1p|1b|2|3|4}"
+case "$part" in  # before installing anything
+  0|1|1p|1b|2|3|4) ;;
+  *) echo "part must be 0, 1, 1p, 1b, 2, 3 or 4 (got '$part')" >&2; exit 2 ;;
+esac
 OUT="${OUT:-outputs/gpu_report}"; mkdir -p "$OUT"
 source scripts/device_setup.sh || exit 1
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
@@ -53,5 +57,4 @@ case "$part" in
     --metrics overhead/telemetry_frac,overhead/logging_frac,overhead/ttha_update_frac,overhead/ttha_host_frac,overhead/router_bias_frac | tee "$OUT/overhead.md" ;;
 4)  # what each stressor adds on its own (~1.5 min)
   timeout 150 python3 -m ttha.stress --measure matmul bursty thermal_ramp --seconds 10 --json "$OUT/stress.json" ;;
-*) echo "part must be 0, 1, 1b, 2, 3 or 4" >&2; exit 2 ;;
 esac
