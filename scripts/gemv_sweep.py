@@ -69,7 +69,7 @@ for m in ms:
             space = configs(m, k, n, bits)
             if MMA:
                 path, space = "mma", mma_configs(m, k, n, bits)
-                wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+                wb = rotating(lambda: w.to(torch.bfloat16), n * k * 2)
                 tb = graph_us(lambda w_: torch.nn.functional.linear(x, w_), wb)
                 ta = graph_us(lambda q_: dequant_linear_triton(x, q_), qs)
                 print(f"M{m} K{k} N{n} int{bits}: bf16 {tb:.1f} us, auto path {ta:.1f} us ({tb / ta:.2f}x)", flush=True)
