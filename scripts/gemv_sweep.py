@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ttha.kernels.bench import graph_us, rotating
+from ttha.kernels.timing import graph_us, rotating
 from ttha.kernels.dequant_linear import dequant_linear_triton
 from ttha.quant import dequantize, quantize
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ttha.kernels.bench import copy_bandwidth, graph_us, rotating
+from ttha.kernels.bench import copy_bandwidth
+from ttha.kernels.timing import graph_us, rotating
 from ttha.kernels.dequant_linear import _gemv_kernel, _word_dot, _x_pairs_kernel, dequant_linear_triton
 from ttha.quant import quantize
 
