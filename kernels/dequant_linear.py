@@ -732,6 +732,8 @@ if HAS_TRITON:
         wpg, kwn, n = args["GROUP"] * args["BITS"] // 32, args["KW"], args["N"]
         fits = [c for c in configs  # whole groups a tile, whole tiles a split
                 if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
+        if not fits:  # K an odd number of small groups (3 x 32, say): one-group tiles always fit
+            return [triton.Config({"BN": 32, "BKW": wpg, "SPLIT_K": 1}, num_warps=2)]
         return _fill_sms(fits, n, 8, lambda c: 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32)
 
     _gemv_tuned = triton.autotune(

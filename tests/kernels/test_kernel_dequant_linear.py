@@ -73,6 +73,18 @@ def test_gemv_autotune_space_fits_the_kernel(bits, group, n, k):
         assert c.kwargs["BKW"] * 32 // bits % group == 0 and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
 
 
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bits,group", [(4, 32), (2, 32), (2, 64), (4, 128)])
+def test_gemv_space_is_never_empty(bits, group):
+    """K = 3 small groups (12 or 6 words) fits no tuned tile width: the space falls back to one-group tiles
+    (on the GPU the first M = 1 call of such a shape failed with "max() arg is an empty sequence")."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    kw = 3 * group * bits // 32
+    configs = dl._prune_gemv(dl.GEMV_CONFIGS, {"BITS": bits, "GROUP": group, "KW": kw, "N": 40})
+    assert configs
+    for c in configs:
+        assert c.kwargs["BKW"] * 32 // bits % group == 0 and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
+
 
 @needs_kernel
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (2, 64), (2, 128)])
