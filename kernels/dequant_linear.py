@@ -10,7 +10,8 @@ Four regimes, picked from M (rows of x):
   fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
   over tiles of whole groups 128-512 bytes wide per row (64-byte rows per tile ran at half the copy
   bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
-  host time than its GPU time saves.
+  host time than its GPU time saves. Both decode chains (this and the next) are tuned as served: each
+  config's whole chain timed from CUDA graphs (chain_tune.py), not the main kernel alone.
 - GEMV_M < M < LARGE_M, under CUDA graph capture (and once per shape and M bucket eagerly, to tune it):
   `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
   x into the order in which an MMA's A operand holds a thread's unpacked words (`_mma_codes`): the codes go
@@ -38,7 +39,9 @@ import torch
 
 from ttha.quant import QuantizedWeight, dequantize
 
+from . import chain_tune
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
+from .timing import graph_us, rotating
 
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
@@ -709,7 +712,7 @@ if HAS_TRITON:
     # gained nothing once tiles were wide (H100 sweep, scripts/gemv_sweep.py); so did loading each tile one
     # iteration ahead in registers (int4 57.6 -> 65.0 us at 8192x28672)
     GEMV_CONFIGS = [triton.Config({"BN": bn, "BKW": bkw, "SPLIT_K": split}, num_warps=warps)
-                    for bn, warps in ((32, 2), (64, 4), (128, 4), (128, 8)) for bkw in (8, 16, 32, 64, 128)
+                    for bn, warps in ((32, 2), (64, 4), (64, 8), (128, 4), (128, 8)) for bkw in (8, 16, 32, 64, 128)
                     for split in (1, 2, 4, 8, 16)]
     GEMV_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)  # sizes the partial-sum buffer
     MIN_PROGRAMS = 132  # one per SM of an H100: fewer leave SMs idle
@@ -824,14 +827,46 @@ def _launch_chain(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | No
     return _launch_split_k(kernel, tuned, grid, inputs, sizes, meta, config, max_split, m, n, x2, pdl)
 
 
+def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias, configs: list) -> dict | None:
+    """The config under which the whole decode chain `launch` ran fastest (chain_tune: tuned on the first eager
+    call per shape and M bucket, timed from CUDA graphs over weight copies that span L2, kept on disk); None on
+    the interpreter or when nothing was tuned before a capture (then Triton's autotuner, timing the main kernel
+    alone, picks)."""
+    if interpreting() or not x2.is_cuda:
+        return None
+    key = "|".join(str(v) for v in (torch.cuda.get_device_name(x2.device), kind, *qw.shape, qw.bits, qw.group_size,
+                                    "bias" if bias is not None else "nobias", str(x2.dtype).replace("torch.", ""),
+                                    _m_bucket(x2.shape[0])))
+    copies = []
+
+    def time_us(cfg: dict) -> float:
+        if not copies:
+            copies.extend(rotating(lambda: QuantizedWeight(qw.packed.clone(), qw.scales.clone(), qw.mins.clone(),
+                                                           qw.bits, qw.group_size, qw.shape), qw.nbytes))
+        return graph_us(lambda q: launch(x2, q, bias, cfg), copies)
+
+    return chain_tune.best_config(key, [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                                        for c in configs], time_us)
+
+
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
-    """Decode rows: x's pairs (one small kernel), the GEMV kernel per row, the split-K reduction."""
+    """Decode rows: x's pairs (one small kernel), the GEMV kernel per row, the split-K reduction; with `config`,
+    else the chain's tuned config (small fixed tiles on the interpreter, which is slow)."""
+    pw = 32 // qw.bits
+    kw = qw.shape[1] // pw
+    if config is None and interpreting():
+        bkw = qw.group_size // pw  # one group
+        config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
+    if config is None:
+        space = _prune_gemv(GEMV_CONFIGS, {"BITS": qw.bits, "GROUP": qw.group_size, "KW": kw, "N": qw.shape[0]})
+        config = _chain_config("gemv", _run_gemv, x2, qw, bias, space)
+    return _run_gemv(x2, qw, bias, config)
+
+
+def _run_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     m, (n, k) = x2.shape[0], qw.shape
     pw = 32 // qw.bits
     kw, ng = k // pw, k // qw.group_size
-    if config is None and interpreting():  # small fixed tiles: the interpreter is slow
-        bkw = qw.group_size // pw  # one group
-        config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
     xp = torch.empty((m, pw // 2 * kw), dtype=torch.int32, device=x2.device)
     xg = torch.empty((m, 2 * ng), dtype=torch.float32, device=x2.device)
     return _launch_chain(x2, qw, bias, config, _x_pairs_kernel, (xp, xg), (kw, ng), _gemv_kernel, _gemv_tuned,
@@ -845,12 +880,21 @@ def mma_ok(qw: QuantizedWeight) -> bool:
 
 def _launch_mma(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     """Decode rows on tensor cores: x in MMA order with its group sums (one small kernel), the weight-stationary
-    matmul, the split-K reduction when the config splits."""
+    matmul, the split-K reduction when the config splits; with `config`, else the chain's tuned config (small
+    fixed tiles on the interpreter)."""
+    ng = qw.shape[1] // qw.group_size
+    if config is None and interpreting():
+        config = {"BN": 64, "SPLIT_K": 2 if ng % 2 == 0 else 1}
+    if config is None:
+        space = _prune_mma(MMA_CONFIGS, {"GROUP": qw.group_size, "K": qw.shape[1], "N": qw.shape[0]})
+        config = _chain_config("mma", _run_mma, x2, qw, bias, space)
+    return _run_mma(x2, qw, bias, config)
+
+
+def _run_mma(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
     m, (n, k) = x2.shape[0], qw.shape
     kw, ng = k * qw.bits // 32, k // qw.group_size
     bm = max(16, min(_m_bucket(m), 64))
-    if config is None and interpreting():  # small fixed tiles: the interpreter is slow
-        config = {"BN": 64, "SPLIT_K": 2 if ng % 2 == 0 else 1}
     xv = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
     xs = torch.empty((ng, m), dtype=torch.float32, device=x2.device)
     return _launch_chain(x2, qw, bias, config, _x_mma_kernel, (xv, xs), (m, kw, ng), _mma_kernel, _mma_tuned,
@@ -877,7 +921,8 @@ _CHAIN_TUNED: set[tuple] = set()  # (kernel, shape, M bucket) whose chain has ru
 def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
     """The multi-launch decode chains (x rearranged, then the GEMV or the MMA kernel, then maybe a split-K
     reduction) serve under CUDA graph capture, and once per shape and M bucket eagerly: that first call tunes
-    them, as the warm-up before a capture must (autotuning cannot run inside one). Other eager calls take the
+    them (chain_tune: the whole chain timed per config, kept on disk), as the warm-up before a capture must
+    (timing cannot run inside one). Other eager calls take the
     one-launch matmul: on the H100 host the chain's extra launches cost more host time than its GPU time saves
     (M = 16, 14336x4096: 302 us a call eagerly against 140 for the matmul kernel; 25 us of GPU time from a graph
     against 33)."""

@@ -1,5 +1,6 @@
 """Fused dequant-linear kernel vs its torch reference (Triton interpreter on CPU, real sizes on GPU)."""
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -84,6 +85,7 @@ def test_gemv_space_is_never_empty(bits, group):
     assert configs
     for c in configs:
         assert c.kwargs["BKW"] * 32 // bits % group == 0 and kw % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0
+
 
 
 @needs_kernel
@@ -281,6 +283,33 @@ def test_gpu_decode_rows_under_graph_capture_use_the_chain_kernels(bits, m):
     torch.cuda.synchronize()
     assert _rel(captured, ref) < 1e-2 and _rel(eager, ref) < 1e-2
     assert not torch.equal(captured, eager)  # a different kernel (summation order) ran under capture
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m,kind", [(1, "gemv"), (16, "mma")])
+def test_gpu_first_eager_call_tunes_the_whole_chain_and_the_capture_uses_it(m, kind, tmp_path, monkeypatch):
+    """The first eager call of a shape times every config's whole chain from CUDA graphs and stores the fastest;
+    the capture then launches that config (a capture cannot time anything)."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    chain_tune = importlib.import_module("ttha.kernels.chain_tune")
+    monkeypatch.setenv("TTHA_CHAIN_CACHE", str(tmp_path / "chain.json"))
+    monkeypatch.setattr(chain_tune, "_MEMO", {})
+    monkeypatch.setattr(dl, "_CHAIN_TUNED", set())
+    x, qw, b, ref = _case(m, 2048, 1024, 4, 128, seed=11)
+    assert _rel(dequant_linear(x, qw, b), ref) < 1e-2
+    stored = json.loads((tmp_path / "chain.json").read_text())
+    (key, cfg), = stored.items()
+    assert f"|{kind}|" in key and "SPLIT_K" in cfg and "num_warps" in cfg
+    launched = []
+    real = dl._launch_split_k
+    monkeypatch.setattr(dl, "_launch_split_k", lambda *a, **k: launched.append(a[6]) or real(*a, **k))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dequant_linear(x, qw, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert launched == [cfg] and _rel(y, ref) < 1e-2
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
