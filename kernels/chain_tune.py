@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -50,10 +50,11 @@ def _write_disk(key: str, config: dict) -> None:
         log.warning("decode-chain config not saved to %s: %s", path, exc)
 
 
-def best_config(key: str, configs: list[dict], time_us: Callable[[dict], float]) -> dict | None:
+def best_config(key: str, configs: Iterable[dict], time_us: Callable[[dict], float]) -> dict | None:
     """The config for `key`: remembered, read from the cache file, or else the one of `configs` whose chain
-    time_us(config) timed fastest (configs that fail to compile or launch are skipped). None under CUDA graph
-    capture when `key` was never tuned (timing cannot run inside a capture) or when every config failed."""
+    time_us(config) timed fastest (configs that fail to compile or launch are skipped; `configs` is iterated only
+    then, so a generator defers building the space). None under CUDA graph capture when `key` was never tuned
+    (timing cannot run inside a capture) or when every config failed."""
     if key in _MEMO:
         return _MEMO[key]
     stored = _read_disk().get(key)

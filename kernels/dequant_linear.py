@@ -827,11 +827,12 @@ def _launch_chain(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | No
     return _launch_split_k(kernel, tuned, grid, inputs, sizes, meta, config, max_split, m, n, x2, pdl)
 
 
-def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias, configs: list) -> dict | None:
+def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias, space) -> dict | None:
     """The config under which the whole decode chain `launch` ran fastest (chain_tune: tuned on the first eager
     call per shape and M bucket, timed from CUDA graphs over weight copies that span L2, kept on disk); None on
     the interpreter or when nothing was tuned before a capture (then Triton's autotuner, timing the main kernel
-    alone, picks)."""
+    alone, picks). space() gives the pruned triton.Configs; it runs only when tuning, not on the calls (every
+    capture) that find the config remembered."""
     if interpreting() or not x2.is_cuda:
         return None
     key = "|".join(str(v) for v in (torch.cuda.get_device_name(x2.device), kind, *qw.shape, qw.bits, qw.group_size,
@@ -845,8 +846,11 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
                                                            qw.bits, qw.group_size, qw.shape), qw.nbytes))
         return graph_us(lambda q: launch(x2, q, bias, cfg), copies)
 
-    return chain_tune.best_config(key, [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                                        for c in configs], time_us)
+    def configs():  # a generator: the space is pruned only if best_config iterates it
+        for c in space():
+            yield dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    return chain_tune.best_config(key, configs(), time_us)
 
 
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
@@ -858,8 +862,8 @@ def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | Non
         bkw = qw.group_size // pw  # one group
         config = {"BN": 16, "BKW": bkw, "SPLIT_K": 2 if kw % (2 * bkw) == 0 else 1}
     if config is None:
-        space = _prune_gemv(GEMV_CONFIGS, {"BITS": qw.bits, "GROUP": qw.group_size, "KW": kw, "N": qw.shape[0]})
-        config = _chain_config("gemv", _run_gemv, x2, qw, bias, space)
+        config = _chain_config("gemv", _run_gemv, x2, qw, bias, lambda: _prune_gemv(
+            GEMV_CONFIGS, {"BITS": qw.bits, "GROUP": qw.group_size, "KW": kw, "N": qw.shape[0]}))
     return _run_gemv(x2, qw, bias, config)
 
 
@@ -886,8 +890,8 @@ def _launch_mma(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None
     if config is None and interpreting():
         config = {"BN": 64, "SPLIT_K": 2 if ng % 2 == 0 else 1}
     if config is None:
-        space = _prune_mma(MMA_CONFIGS, {"GROUP": qw.group_size, "K": qw.shape[1], "N": qw.shape[0]})
-        config = _chain_config("mma", _run_mma, x2, qw, bias, space)
+        config = _chain_config("mma", _run_mma, x2, qw, bias, lambda: _prune_mma(
+            MMA_CONFIGS, {"GROUP": qw.group_size, "K": qw.shape[1], "N": qw.shape[0]}))
     return _run_mma(x2, qw, bias, config)
 
 

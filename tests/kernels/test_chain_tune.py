@@ -33,7 +33,12 @@ def test_picks_the_fastest_chain_and_keeps_it_on_disk(cache):
     # a new process (empty memo) reads the file and times nothing
     chain_tune._MEMO.clear()
     never = lambda cfg: pytest.fail("timed again")  # noqa: E731
-    assert chain_tune.best_config("H100|gemv|28672|8192|4", CONFIGS, never) == CONFIGS[1]
+
+    def space():  # the caller's lazily built config space: not built when the key is known
+        pytest.fail("config space built for a stored key")
+        yield
+
+    assert chain_tune.best_config("H100|gemv|28672|8192|4", space(), never) == CONFIGS[1]
     # another key is tuned and merged into the same file
     assert chain_tune.best_config("H100|mma|4096|14336|2", CONFIGS[::2], lambda c: TIMES[c["BN"]]) == CONFIGS[0]
     assert set(json.loads(cache.read_text())) == {"H100|gemv|28672|8192|4", "H100|mma|4096|14336|2"}
