@@ -14,7 +14,8 @@ Gluon, where the layouts are explicit:
 Checked against dequant_linear_ref (all bit widths and groups, M = 2, 3, 16, ragged N, fp16 and bf16), then
 timed over a config sweep from CUDA graphs beside bf16 F.linear and the shipped chain (kernels/BENCH_H100.md,
 eleventh version, has what it found).
-python scripts/gluon_mma_probe.py OUT_DIR   (GPU, Triton >= 3.6 with Gluon)"""
+python scripts/gluon_mma_probe.py OUT_DIR   (GPU, Triton >= 3.6 with Gluon; MAXNREG="0,128,168" also sweeps
+register caps)"""
 import csv
 import itertools
 import math
@@ -33,6 +34,7 @@ from ttha.kernels.dequant_linear import _codes_ptx, _splitk_reduce_kernel, dequa
 from ttha.kernels.timing import graph_us, rotating
 from ttha.quant import quantize
 
+MAXNREG = [int(v) for v in os.environ.get("MAXNREG", "0").split(",")]  # register caps to sweep (0: none)
 _C4_F16, _C4_BF16 = gl.constexpr(_codes_ptx(4, False)), gl.constexpr(_codes_ptx(4, True))
 _C2_F16, _C2_BF16 = gl.constexpr(_codes_ptx(2, False)), gl.constexpr(_codes_ptx(2, True))
 
@@ -213,8 +215,9 @@ def _x_prep_kernel(x_ptr, xv_ptr, xs_ptr, M, K, stride_xm, BITS: tl.constexpr, G
     tl.store(xs_ptr + g * 16 + m, tl.sum(x.to(tl.float32), axis=0))
 
 
-def mma_sync_linear(x2, qw, warps=4, reps=2, split=1, stages=2, gpi=2):
-    """The probe's chain: x-prep, _mma_sync_kernel, split-K reduction."""
+def mma_sync_linear(x2, qw, warps=4, reps=2, split=1, stages=2, gpi=2, maxnreg=0):
+    """The probe's chain: x-prep, _mma_sync_kernel (registers a thread capped at maxnreg when > 0), split-K
+    reduction."""
     m, (n, k) = x2.shape[0], qw.shape
     ng = k // qw.group_size
     if m > 16 or ng % (split * gpi):
@@ -228,6 +231,7 @@ def mma_sync_linear(x2, qw, warps=4, reps=2, split=1, stages=2, gpi=2):
     _mma_sync_kernel[(triton.cdiv(n, bn), split)](xv, xs, qw.packed, qw.scales, qw.mins, y, p, m, n, k,
                                                   k * qw.bits // 32, ng, BITS=qw.bits, GROUP=qw.group_size,
                                                   SPLIT_K=split, STAGES=stages, GPI=gpi, num_warps=warps,
+                                                  **({"maxnreg": maxnreg} if maxnreg else {}),
                                                   **layouts(qw.bits, qw.group_size, warps, reps, gpi))
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](p, y, m * n, SPLIT_K=split, BLOCK=1024)
@@ -256,14 +260,15 @@ def main(out: str) -> None:
         x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
         bf = graph_us(lambda t: torch.nn.functional.linear(x, t), rotating(lambda: w.to(torch.bfloat16), n * k * 2))
         shipped = graph_us(lambda q: dequant_linear_triton(x, q), qws)
-        for (warps, reps), split, stages, gpi in itertools.product(((4, 1), (4, 2), (8, 1)), (1, 2, 4, 8), (2, 3, 4),
-                                                                   (2, 4)):
+        for (warps, reps), split, stages, gpi, maxnreg in itertools.product(
+                ((4, 1), (4, 2), (8, 1)), (1, 2, 4, 8), (2, 3, 4), (2, 4), MAXNREG):
             bn = 16 * warps * reps
             smem = stages * gpi * (bn * 16 * bits + 16 * 128 * 2)
             if (k // 128) % (split * gpi) or not 120 <= -(-n // bn) * split <= 132 * 4 or smem > 200 * 1024:
                 continue
-            us = graph_us(lambda q: mma_sync_linear(x, q, warps, reps, split, stages, gpi), qws)
+            us = graph_us(lambda q: mma_sync_linear(x, q, warps, reps, split, stages, gpi, maxnreg), qws)
             rows.append(dict(K=k, N=n, bits=bits, warps=warps, reps=reps, split=split, stages=stages, gpi=gpi,
+                             maxnreg=maxnreg,
                              us=round(us, 2), bf16_us=round(bf, 2), shipped_us=round(shipped, 2)))
         best = min((r for r in rows if (r["K"], r["N"], r["bits"]) == (k, n, bits)), key=lambda r: r["us"])
         print(f"K{k} N{n} int{bits} M=16: bf16 {bf:.1f} us, shipped chain {shipped:.1f} us ({bf / shipped:.2f}x), "
