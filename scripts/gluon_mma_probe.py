@@ -79,21 +79,13 @@ def _j2(c, a: gl.constexpr, b: gl.constexpr):
 @gluon.jit
 def _unpack(words, BITS: gl.constexpr, BF16: gl.constexpr):
     """_codes_ptx on each word: c[2p] = code p, c[2p + 1] = code p + PW / 2, as magic + code in x's dtype."""
-    if BITS == 4:
-        if BF16:
-            c = gl.inline_asm_elementwise(_C4_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                          dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            c = gl.inline_asm_elementwise(_C4_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                          dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+    PW: gl.constexpr = 32 // BITS
+    ptx: gl.constexpr = (_C4_BF16 if BF16 else _C4_F16) if BITS == 4 else (_C2_BF16 if BF16 else _C2_F16)
+    cons: gl.constexpr = "=h," * PW + "r"
+    if BF16:
+        return gl.inline_asm_elementwise(ptx, cons, [words], dtype=(gl.bfloat16,) * PW, is_pure=True, pack=1)
     else:
-        if BF16:
-            c = gl.inline_asm_elementwise(_C2_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                          dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
-        else:
-            c = gl.inline_asm_elementwise(_C2_F16, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                          dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-    return c
+        return gl.inline_asm_elementwise(ptx, cons, [words], dtype=(gl.float16,) * PW, is_pure=True, pack=1)
 
 
 @gluon.jit
