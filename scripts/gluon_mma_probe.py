@@ -11,7 +11,7 @@ Gluon, where the layouts are explicit:
   _x_prep_kernel;
 - words and x stream through shared memory by cp.async, STAGES deep, GPI groups an iteration (so each row is
   read in GPI x 64-byte pieces); scales, mins and x sums are loaded an iteration ahead into registers.
-Checked against dequant_linear_ref (all bit widths and groups, M = 2, 3, 16, ragged N, fp16 and bf16), then
+Checked against dequant_linear_ref (4-bit groups 32-128, 2-bit 64 and 128; M = 2, 3, 16; ragged N; fp16, bf16), then
 timed over a config sweep from CUDA graphs beside bf16 F.linear and the shipped chain (kernels/BENCH_H100.md,
 eleventh version, has what it found).
 python scripts/gluon_mma_probe.py OUT_DIR   (GPU, Triton >= 3.6 with Gluon; MAXNREG="0,128,168" also sweeps
