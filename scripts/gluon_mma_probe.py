@@ -116,11 +116,9 @@ def _a_pairs(h16, BITS: gl.constexpr, BF16: gl.constexpr, LA: gl.constexpr):
 
 @gluon.jit
 def _cols(t, GPI: gl.constexpr):
-    """[R, GPI] (GPI in registers) -> its GPI columns, each [R]."""
+    """[R, GPI] (GPI = 2 or 4, in registers) -> its GPI columns, each [R]."""
     R: gl.constexpr = t.shape[0]
-    if GPI == 1:
-        return (gl.reshape(t, [R]),)
-    elif GPI == 2:
+    if GPI == 2:
         return gl.split(t)
     else:
         a, b = gl.split(gl.reshape(t, [R, 2, 2]))  # columns 0, 2 and 1, 3
