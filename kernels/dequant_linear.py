@@ -926,10 +926,9 @@ def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
     """The multi-launch decode chains (x rearranged, then the GEMV or the MMA kernel, then maybe a split-K
     reduction) serve under CUDA graph capture, and once per shape and M bucket eagerly: that first call tunes
     them (chain_tune: the whole chain timed per config, kept on disk), as the warm-up before a capture must
-    (timing cannot run inside one). Other eager calls take the
-    one-launch matmul: on the H100 host the chain's extra launches cost more host time than its GPU time saves
-    (M = 16, 14336x4096: 302 us a call eagerly against 140 for the matmul kernel; 25 us of GPU time from a graph
-    against 33)."""
+    (timing cannot run inside one). Other eager calls take the one-launch matmul: on the H100 host the chain's
+    extra launches cost more host time than its GPU time saves (M = 16, 14336x4096: 302 us a call eagerly against
+    140 for the matmul kernel; 25 us of GPU time from a graph against 33)."""
     if not x2.is_cuda:
         return False
     if torch.cuda.is_current_stream_capturing():
