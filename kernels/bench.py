@@ -130,8 +130,8 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
         qw = quantize(w, bits, group)
         n, k = w.shape
         codes = unpack_codes(qw).to(torch.uint8)
-        scales = qw.scales.reshape(n, -1)
-        zeros = (-qw.mins.float() / qw.scales.float()).half().reshape(n, -1)
+        scales = qw.scales.t().contiguous()  # stored [NG, N]
+        zeros = (-qw.mins.float() / qw.scales.float()).half().t().contiguous()
         return A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros, bits, group, bias=None)
     except Exception as exc:  # peer column is optional
         print(f"gemlite unavailable: {exc}")

@@ -1,7 +1,9 @@
 """Group-wise 4/2-bit dequantize + linear: y = x @ dequant(qw).T (+ bias).
 
 Weight format (ttha.quant): codes packed along K in int32 words, code j of a word in bits
-[bits*j, bits*(j+1)), one fp16 (scale, min) per group of `group_size` values along K.
+[bits*j, bits*(j+1)), one fp16 (scale, min) per group of `group_size` values along K. The words are stored in
+tiles, one group of TILE_ROWS rows a contiguous block (`_row_base`, `_word_offsets`), and (scale, min) group-major
+[NG, N].
 
 Four regimes, picked from M (rows of x):
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ttha.quant import QuantizedWeight, dequantize
+from ttha.quant import TILE_ROWS, QuantizedWeight, dequantize
 
 from . import chain_tune
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
@@ -76,9 +78,15 @@ def check_args(x, qw, bias) -> None:
         raise ValueError(f"x: last dim must be K={k}, got shape {tuple(x.shape)}")
     if qw.packed.device != x.device:
         raise ValueError(f"qweight: on {qw.packed.device}, x on {x.device}")
-    if tuple(qw.packed.shape) != (n, k * qw.bits // 32) or qw.packed.dtype != torch.int32:
-        raise ValueError(f"qweight.packed: expected int32 {(n, k * qw.bits // 32)}, got "
+    ng = k // qw.group_size
+    tiles = (-(-n // TILE_ROWS), ng, TILE_ROWS, qw.group_size * qw.bits // 32)
+    if tuple(qw.packed.shape) != tiles or qw.packed.dtype != torch.int32 or not qw.packed.is_contiguous():
+        raise ValueError(f"qweight.packed: expected contiguous int32 {tiles}, got "
                          f"{qw.packed.dtype} {tuple(qw.packed.shape)}")
+    for name in ("scales", "mins"):
+        t = getattr(qw, name)
+        if tuple(t.shape) != (ng, n) or t.dtype != torch.float16 or not t.is_contiguous():
+            raise ValueError(f"qweight.{name}: expected contiguous float16 {(ng, n)}, got {t.dtype} {tuple(t.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
@@ -195,6 +203,18 @@ if HAS_TRITON:
     _C2_F16, _C2_BF16 = tl.constexpr(_codes_ptx(2, False)), tl.constexpr(_codes_ptx(2, True))
 
 
+    _TILE = tl.constexpr(TILE_ROWS)
+
+    @triton.jit
+    def _row_base(rn64, NG, WPG: tl.constexpr):
+        """Offset of rows rn64's first word in the stored tiles [N / TILE_ROWS, NG, TILE_ROWS, WPG]."""
+        return (rn64 // _TILE) * (NG * _TILE * WPG) + (rn64 % _TILE) * WPG
+
+    @triton.jit
+    def _word_offsets(kw, WPG: tl.constexpr):
+        """Offset of words kw of a row from its _row_base: group kw // WPG is a block of TILE_ROWS x WPG words."""
+        return (kw // WPG) * (_TILE * WPG) + kw % WPG
+
     @triton.jit
     def _codes_to_float(c):
         # 2**23 + code as a float bit pattern: exact, and cheaper than an int->float convert.
@@ -240,12 +260,12 @@ if HAS_TRITON:
         return tl.reshape(w, (words.shape[0], words.shape[1] * (32 // BITS)))
 
     @triton.jit
-    def _group_params(s_ptr, m_ptr, s_rows, n_ok, g0, g_hi, GT: tl.constexpr):
-        """(scale, min) [R, GT] of groups g0 .. g0 + GT - 1 of rows s_rows [R, 1], zeros from group g_hi on."""
+    def _group_params(s_ptr, m_ptr, rn64, n_ok, N, g0, g_hi, GT: tl.constexpr):
+        """(scale, min) [R, GT] of groups g0 .. g0 + GT - 1 of rows rn64 [R], zeros from group g_hi on."""
         g = g0 + tl.arange(0, GT)[None, :]
         mask = n_ok[:, None] & (g < g_hi)
-        return (tl.load(s_ptr + s_rows + g, mask=mask, other=0.0),
-                tl.load(m_ptr + s_rows + g, mask=mask, other=0.0))
+        off = g * N + rn64[:, None]
+        return tl.load(s_ptr + off, mask=mask, other=0.0), tl.load(m_ptr + off, mask=mask, other=0.0)
 
     @triton.jit
     def _dq_mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET, stride_xm,
@@ -277,8 +297,8 @@ if HAS_TRITON:
         m_ok, n_ok = rm < M, rn < N
         rn64 = rn.to(tl.int64)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + rn64[:, None] * KW
-        s_rows = rn64[:, None] * NG
+        WPG: tl.constexpr = GROUP // PW
+        w_rows = w_ptr + _row_base(rn64, NG, WPG)[:, None]
 
         # This split's word range, whole BKW tiles.
         per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BKW) * BKW
@@ -294,14 +314,14 @@ if HAS_TRITON:
         # (scale, min) [BN, GT] loaded one tile ahead: too small for Triton's cp.async pipelining, a plain
         # load put a DRAM round trip on every iteration (the M = 16 limit on the H100)
         g_hi = tl.cdiv(kw_hi * PW, GROUP)  # past this split's groups (a tile may share its last group)
-        sc_next, mn_next = _group_params(s_ptr, m_ptr, s_rows, n_ok, (kw_lo * PW) // GROUP, g_hi, GT)
+        sc_next, mn_next = _group_params(s_ptr, m_ptr, rn64, n_ok, N, (kw_lo * PW) // GROUP, g_hi, GT)
         for kw0 in range(kw_lo, kw_hi, BKW):
             kw = kw0 + rw
             k_ok = kw < kw_hi
             wmask = n_ok[:, None] & k_ok[None, :]
-            words = tl.load(w_rows + kw[None, :], mask=wmask, other=0)
+            words = tl.load(w_rows + _word_offsets(kw, WPG)[None, :], mask=wmask, other=0)
             sc, mn = sc_next, mn_next
-            sc_next, mn_next = _group_params(s_ptr, m_ptr, s_rows, n_ok, ((kw0 + BKW) * PW) // GROUP, g_hi, GT)
+            sc_next, mn_next = _group_params(s_ptr, m_ptr, rn64, n_ok, N, ((kw0 + BKW) * PW) // GROUP, g_hi, GT)
             if not ROW_SCALE:  # whole groups: each group's (scale, min) repeated over its words in registers
                 sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
                 mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (BN, GT, BKW // GT)), (BN, BKW))
@@ -431,14 +451,17 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw0, BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr):
-        """The [BN, BKW] words at word kw0 of rows w_rows and their groups' (scale, min) [BN, GT] (fp16)."""
+    def _gemv_loads(w_rows, s_rows, m_rows, n_ok, N, kw0, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    BKW: tl.constexpr):
+        """The [BN, BKW] words at word kw0 of rows w_rows (their _row_base) and their groups' (scale, min)
+        [BN, GT] (fp16; s_rows, m_rows: group 0 of the rows)."""
         PW: tl.constexpr = 32 // BITS
-        GT: tl.constexpr = BKW // (GROUP // PW)
+        WPG: tl.constexpr = GROUP // PW
+        GT: tl.constexpr = BKW // WPG
         g = (kw0 * PW) // GROUP + tl.arange(0, GT)
-        words = tl.load(w_rows + kw0 + tl.arange(0, BKW)[None, :], mask=n_ok[:, None], other=0)
-        return (words, tl.load(s_rows + g[None, :], mask=n_ok[:, None], other=0.0),
-                tl.load(m_rows + g[None, :], mask=n_ok[:, None], other=0.0))
+        words = tl.load(w_rows + _word_offsets(kw0 + tl.arange(0, BKW), WPG)[None, :], mask=n_ok[:, None], other=0)
+        return (words, tl.load(s_rows + g[None, :] * N, mask=n_ok[:, None], other=0.0),
+                tl.load(m_rows + g[None, :] * N, mask=n_ok[:, None], other=0.0))
 
     @triton.jit
     def _gemv_tile(acc, acc_min, words, sc, mn, x_row, g_row, KW, NG, kw0,
@@ -483,19 +506,19 @@ if HAS_TRITON:
         rn64 = rn.to(tl.int64)
         x_row = xp_ptr + pid_m.to(tl.int64) * (PW // 2 * KW)
         g_row = xg_ptr + pid_m.to(tl.int64) * (2 * NG)
-        w_rows = w_ptr + rn64[:, None] * KW
-        s_rows = s_ptr + rn64[:, None] * NG
-        m_rows = m_ptr + rn64[:, None] * NG
+        w_rows = w_ptr + _row_base(rn64, NG, WPG)[:, None]
+        s_rows = s_ptr + rn64[:, None]
+        m_rows = m_ptr + rn64[:, None]
         per_split = KW // SPLIT_K  # a multiple of BKW (the host's configs ensure it)
         kw_lo = pid_k * per_split
-        words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw_lo, BITS, GROUP, BKW)  # x not needed yet
+        words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, N, kw_lo, BITS, GROUP, BKW)  # x not needed yet
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
         acc, acc_min = _gemv_tile(tl.zeros((BN, GT, WPG), dtype=tl.float32), tl.zeros((BN, GT), dtype=tl.float32),
                                   words, sc, mn, x_row, g_row, KW, NG, kw_lo, BITS, GROUP, BKW, ASM)
         for kw0 in tl.range(kw_lo + BKW, kw_lo + per_split, BKW, num_stages=NUM_STAGES):
-            words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, kw0, BITS, GROUP, BKW)
+            words, sc, mn = _gemv_loads(w_rows, s_rows, m_rows, n_ok, N, kw0, BITS, GROUP, BKW)
             acc, acc_min = _gemv_tile(acc, acc_min, words, sc, mn, x_row, g_row, KW, NG, kw0, BITS, GROUP, BKW, ASM)
         out = tl.sum(tl.sum(acc, axis=2) + acc_min, axis=1)
         if HAS_BIAS:
@@ -575,9 +598,9 @@ if HAS_TRITON:
         tl.store(xs_ptr + g * M + m, gs, mask=g < NG)
 
     @triton.jit
-    def _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g, M, NG):
+    def _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g, M, N):
         """Group g's scale and min of rows rn64 [BN] and x sums of rows rm [BM]."""
-        return (tl.load(s_ptr + rn64 * NG + g, mask=n_ok, other=0.0), tl.load(m_ptr + rn64 * NG + g, mask=n_ok, other=0.0),
+        return (tl.load(s_ptr + g * N + rn64, mask=n_ok, other=0.0), tl.load(m_ptr + g * N + rn64, mask=n_ok, other=0.0),
                 tl.load(xs_ptr + g * M + rm, mask=m_ok, other=0.0))
 
     @triton.jit
@@ -606,7 +629,7 @@ if HAS_TRITON:
         rm = pid_m * BM + tl.arange(0, BM)
         n_ok, m_ok = rn < N, rm < M
         rn64 = rn.to(tl.int64)
-        w_rows = w_ptr + rn64[:, None] * KW + tl.arange(0, WPG)[None, :]
+        w_rows = w_ptr + _row_base(rn64, NG, WPG)[:, None] + tl.arange(0, WPG)[None, :]  # group 0
         x_cols = xv_ptr + rm.to(tl.int64)[None, :] * K + tl.arange(0, GROUP)[:, None]
         per_split = NG // SPLIT_K  # whole (the host's configs ensure it)
         g_lo = pid_k * per_split
@@ -614,14 +637,14 @@ if HAS_TRITON:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         # the group's (scale, min) and x sums, loaded a group ahead (too small for Triton's cp.async pipelining:
         # plain loads would put a memory round trip on every group)
-        sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g_lo, M, NG)
+        sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g_lo, M, N)
         for g in range(g_lo, g_hi):
-            words = tl.load(w_rows + g * WPG, mask=n_ok[:, None], other=0)
+            words = tl.load(w_rows + g * (_TILE * WPG), mask=n_ok[:, None], other=0)  # one contiguous block
             xt = tl.load(x_cols + g * GROUP, mask=m_ok[None, :], other=0.0)
             sc, mn, xs = sc_n, mn_n, xs_n
             # the last group loads itself again (no mask to compute)
             sc_n, mn_n, xs_n = _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok,
-                                                 tl.minimum(g + 1, g_hi - 1), M, NG)
+                                                 tl.minimum(g + 1, g_hi - 1), M, N)
             a = _mma_codes(words, BITS, BF16, ASM)
             if DOT_F32:  # Triton's interpreter multiplies bf16 bit patterns as integers
                 d = tl.dot(a.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
@@ -652,8 +675,9 @@ if HAS_TRITON:
         rk = tl.program_id(1) * BKW * PW + tl.arange(0, BKW * PW)
         rn64 = rn.to(tl.int64)
         wmask = (rn < N)[:, None] & (kw < KW)[None, :]
-        words = tl.load(w_ptr + rn64[:, None] * KW + kw[None, :], mask=wmask, other=0)
-        soff = rn64[:, None] * NG + ((kw * PW) // GROUP)[None, :]
+        words = tl.load(w_ptr + _row_base(rn64, NG, GROUP // PW)[:, None] + _word_offsets(kw, GROUP // PW)[None, :],
+                        mask=wmask, other=0)
+        soff = ((kw * PW) // GROUP)[None, :] * N + rn64[:, None]
         sc = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
         mn = tl.load(m_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
         w = _dequant_words(words, sc, mn, BITS)
@@ -746,8 +770,11 @@ if HAS_TRITON:
 
 
     # Weight-stationary tensor-core decode (_mma_kernel): BM the M bucket (16 at least: the MMA's N side)
+    # BN = 256 a warpgroup: x is read once for more rows (H100, tiled words: int4 55.6 us at 8192x28672, M = 16,
+    # against 57.4 for the best BN = 128)
     MMA_CONFIGS = [triton.Config({"BN": bn, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
-                   for bn, warps in ((64, 4), (128, 8), (128, 4)) for split in (1, 2, 4, 8) for stages in (3, 4)]
+                   for bn, warps in ((64, 4), (128, 8), (128, 4), (256, 4), (256, 8)) for split in (1, 2, 4, 8)
+                   for stages in (3, 4)]
     MMA_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in MMA_CONFIGS)
 
     def _prune_mma(configs, named_args, **kwargs):
@@ -835,7 +862,8 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
     capture) that find the config remembered."""
     if interpreting() or not x2.is_cuda:
         return None
-    key = "|".join(str(v) for v in (torch.cuda.get_device_name(x2.device), kind, *qw.shape, qw.bits, qw.group_size,
+    key = "|".join(str(v) for v in (torch.cuda.get_device_name(x2.device), kind, f"tiles{TILE_ROWS}", *qw.shape,
+                                    qw.bits, qw.group_size,
                                     "bias" if bias is not None else "nobias", str(x2.dtype).replace("torch.", ""),
                                     _m_bucket(x2.shape[0])))
     copies = []

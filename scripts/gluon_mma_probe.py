@@ -15,7 +15,8 @@ Gluon, where every layout is explicit and checked (convert_layout(assert_trivial
   default) the (scale, min) and x sums ride in the same stages, else they are loaded an iteration ahead.
 Checked against dequant_linear_ref (4-bit groups 64 and 128, 2-bit 128: an operand needs 2 WPG >= 16; M = 2, 3,
 16; ragged N; fp16, bf16), then timed over a config sweep from CUDA graphs beside bf16 F.linear and the shipped
-chain (kernels/BENCH_H100.md, eleventh and twelfth versions, has what it found).
+chain (kernels/BENCH_H100.md, eleventh and twelfth versions, has what it found). Its kernel reads the row-major
+words and [N, NG] (scale, min) of those versions (ttha.quant.row_major, made once a weight, on the warm-up call).
 python scripts/gluon_mma_probe.py OUT_DIR   (GPU, Triton >= 3.6 with Gluon; MAXNREG="0,168" also sweeps register caps)
 DIAG="4/1/1/2/4,..." python scripts/gluon_mma_probe.py: only those configs (warps/reps/split/stages/gpi) at
 8192x28672, each also with the x copies, the word copies or the math left out (timing only: wrong results)."""
@@ -35,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ttha.kernels.dequant_linear import MMA_MAGIC, _splitk_reduce_kernel, dequant_linear_ref, dequant_linear_triton
 from ttha.kernels.timing import graph_us, rotating
-from ttha.quant import quantize
+from ttha.quant import quantize, row_major
 
 MAXNREG = [int(v) for v in os.environ.get("MAXNREG", "0").split(",")]  # register caps to sweep (0: none)
 VARIANTS = ("full", "no x copies", "no word copies", "no math")  # the kernel's VARIANT (DIAG runs the last three)
@@ -247,6 +248,15 @@ def _x_prep_kernel(x_ptr, xv_ptr, xs_ptr, M, K, stride_xm, BITS: tl.constexpr, G
     tl.store(xs_ptr + g * 16 + m, tl.sum(x.to(tl.float32), axis=0))
 
 
+_ROWS: dict = {}  # id(qw.packed) -> (qw.packed, row_major(qw)): packed kept so that its id is not reused
+
+
+def _rows(qw):
+    if id(qw.packed) not in _ROWS:
+        _ROWS[id(qw.packed)] = (qw.packed, row_major(qw))
+    return _ROWS[id(qw.packed)][1]
+
+
 def mma_sync_linear(x2, qw, warps=4, reps=1, split=1, stages=2, gpi=2, maxnreg=0, sca=True, variant=0):
     """The probe's chain: x-prep, _mma_sync_kernel (registers a thread capped at maxnreg when > 0), split-K
     reduction."""
@@ -261,7 +271,7 @@ def mma_sync_linear(x2, qw, warps=4, reps=1, split=1, stages=2, gpi=2, maxnreg=0
     bn = 16 * warps * reps
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     p = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-    _mma_sync_kernel[(triton.cdiv(n, bn), split)](xv, xs, qw.packed, qw.scales, qw.mins, y, p, m, n, k,
+    _mma_sync_kernel[(triton.cdiv(n, bn), split)](xv, xs, *_rows(qw), y, p, m, n, k,
                                                   k * qw.bits // 32, ng, BITS=qw.bits, GROUP=qw.group_size,
                                                   SPLIT_K=split, STAGES=stages, GPI=gpi, SCA=sca, VARIANT=variant,
                                                   num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -8,6 +8,8 @@
   as one transposed [NG, N] array of half pairs (params_t), or not at all (params_none: scale 1, min 0,
   timing only); _first: each group's word sums added before scaling;
 - torch: a read-only reduction over the packed words, and bf16 F.linear.
+The probe's own kernels (all but gemv and chain) read the row-major layout of that version (ttha.quant.row_major);
+the weight is now stored in tiles (ttha.quant), which is what gemv and chain read.
 python scripts/layout_probe.py OUT_DIR   (SHAPES="8192x28672" K x N, BITS="4,2"; kernels/BENCH_H100.md, ninth
 version, has what it found)"""
 import csv
@@ -21,7 +23,7 @@ import triton.language as tl
 from ttha.kernels.bench import copy_bandwidth
 from ttha.kernels.timing import graph_us, rotating
 from ttha.kernels.dequant_linear import _gemv_kernel, _word_dot, _x_pairs_kernel, dequant_linear_triton
-from ttha.quant import quantize
+from ttha.quant import quantize, row_major
 
 PARAMS = {"params0": 0, "params_t": 1, "params_none": 2}
 # (BN, BKW, SPLIT_K, warps): the best of a wider H100 sweep at 8192x28672, both bit widths
@@ -103,9 +105,9 @@ def tiled(a: torch.Tensor, bn: int, bc: int) -> torch.Tensor:
 
 
 def half_pairs_t(q) -> torch.Tensor:
-    """[NG, N] int32: the scale's fp16 bits low, the min's high, groups major."""
+    """[NG, N] int32: the scale's fp16 bits low, the min's high, groups major (as stored)."""
     s = q.scales.view(torch.int16).to(torch.int32) & 0xFFFF
-    return (s | (q.mins.view(torch.int16).to(torch.int32) << 16)).t().contiguous()
+    return (s | (q.mins.view(torch.int16).to(torch.int32) << 16)).contiguous()
 
 
 def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: list) -> None:
@@ -114,6 +116,8 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
     qs = rotating(lambda: quantize(w, bits, 128), n * k * bits // 8)
     nbytes = qs[0].nbytes
     tr = graph_us(lambda q_: q_.packed.sum(), qs)
+    # the probe's own kernels read the row-major layout of the ninth version; the shipped one reads the tiles
+    legacy = [row_major(q_) for q_ in qs]
     rows.append(dict(K=k, N=n, bits=bits, kind="torch_sum_words", cfg="", us=tr, GBps=n * kw * 4 / tr / 1e3))
     xp = torch.empty((1, pw // 2 * kw), dtype=torch.int32, device="cuda")
     xg = torch.empty((1, 2 * ng), dtype=torch.float32, device="cuda")
@@ -124,25 +128,26 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
         if bkw % wpg or kw % (split * bkw) or n % bn:
             continue
         gt = bkw // wpg
-        tq = [(tiled(q_.packed, bn, bkw), tiled(q_.scales, bn, gt), tiled(q_.mins, bn, gt)) for q_ in qs]
+        tq = [(tiled(w_, bn, bkw), tiled(s_, bn, gt), tiled(m_, bn, gt)) for w_, s_, m_ in legacy]
         o = torch.empty(n // bn * split, dtype=torch.int32, device="cuda")
         p = torch.empty((split, 1, n), dtype=torch.float32, device="cuda")
         y = torch.empty((1, n), dtype=torch.bfloat16, device="cuda")
         cfg = f"BN{bn} BKW{bkw} S{split} W{warps}"
         g2, g3 = (n // bn, split), (n // bn, 1, split)
         meta = dict(BITS=bits, GROUP=128, BN=bn, BKW=bkw, SPLIT_K=split, num_warps=warps)
-        plain = [(q_.packed, q_.scales, q_.mins) for q_ in qs]
+        plain = legacy
+        stored = [(q_.packed, q_.scales, q_.mins) for q_ in qs]
         cases = {
             "stream_words": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=False, **meta), plain),
             "stream_rows": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=True, **meta), plain),
             "stream_tiled": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=True, SCALES=True, **meta), tq),
             "gemv": (lambda t_: _gemv_kernel[g3](xp, xg, *t_, x, y, p, 1, n, kw, ng, HAS_BIAS=False, ASM=True,
-                                                 **meta), plain),
+                                                 **meta), stored),
             "chain": (lambda q_: dequant_linear_triton(x, q_, path="gemv", config=dict(
                 BN=bn, BKW=bkw, SPLIT_K=split, num_warps=warps)), qs),
         }
         for name, params in PARAMS.items():
-            items = [(q_.packed, pr, pr) for q_, pr in zip(qs, pairs)] if name == "params_t" else plain
+            items = [(w_, pr, pr) for (w_, _, _), pr in zip(legacy, pairs)] if name == "params_t" else plain
             for first in (False, True):
                 cases[f"variant_{name}{'_first' if first else ''}"] = (
                     lambda t_, params=params, first=first: _gemv_variant[g3](xp, xg, *t_, p, n, kw, ng, PARAMS=params,
@@ -152,11 +157,11 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
             rows.append(dict(K=k, N=n, bits=bits, kind=kind, cfg=cfg, us=t, GBps=nbytes / t / 1e3))
             best[kind] = min(best.get(kind, (t, cfg)), (t, cfg))
         # the variants that read the real (scale, min) must give the kernel's partials
-        _gemv_kernel[g3](xp, xg, *plain[0], x, y, p, 1, n, kw, ng, HAS_BIAS=False, ASM=True, **meta)
+        _gemv_kernel[g3](xp, xg, *stored[0], x, y, p, 1, n, kw, ng, HAS_BIAS=False, ASM=True, **meta)
         ref = p.clone() if split > 1 else y.float()
         for params, sp in ((0, plain[0][1:]), (1, (pairs[0],) * 2)):
             for first in (False, True):
-                _gemv_variant[g3](xp, xg, qs[0].packed, *sp, p, n, kw, ng, PARAMS=params, FIRST=first, **meta)
+                _gemv_variant[g3](xp, xg, legacy[0][0], *sp, p, n, kw, ng, PARAMS=params, FIRST=first, **meta)
                 err = float((p - ref).abs().max() / ref.abs().max())
                 if err > (1e-5 if split > 1 else 1e-2):
                     raise SystemExit(f"variant PARAMS={params} FIRST={first} {cfg} disagrees with the kernel: {err:.1e}")

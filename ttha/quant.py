@@ -4,6 +4,14 @@ A [N, K] weight is split into groups of `group_size` consecutive values along K.
 keeps a scale and a minimum so that w ≈ q * scale + min with q in [0, 2**bits - 1]
 (one FMA per value when dequantizing). Codes are packed along K into int32 words,
 32 // bits codes per word, code j of a word in bits [bits*j, bits*(j+1)).
+
+The words are stored tile by tile for the kernels: the words of one group of TILE_ROWS consecutive rows are one
+contiguous block (packed [ceil(N / TILE_ROWS), NG, TILE_ROWS, words per group], the last block's missing rows
+zero), and (scale, min) are stored group-major [NG, N], so a group's parameters of consecutive rows are
+contiguous too. On the H100 that took the M = 16 tensor-core chain from 69.1 to 57.1 us (int4) and 57.1 to
+46.5 us (int2) at 8192x28672 against row-major storage: a group of a row is only 32-64 bytes, and rows read
+piecewise streamed far below the copy bandwidth (kernels/BENCH_H100.md, thirteenth version). `row_words` gives
+the row-major [N, K * bits // 32] words.
 """
 from __future__ import annotations
 
@@ -13,13 +21,14 @@ import torch
 
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+TILE_ROWS = 64  # rows of a contiguous block of words (one group each)
 
 
 @dataclass
 class QuantizedWeight:
-    packed: torch.Tensor  # int32 [N, K * bits // 32]
-    scales: torch.Tensor  # fp16 [N, K // group_size]
-    mins: torch.Tensor  # fp16 [N, K // group_size]
+    packed: torch.Tensor  # int32 [ceil(N / TILE_ROWS), K // group_size, TILE_ROWS, group_size * bits // 32]
+    scales: torch.Tensor  # fp16 [K // group_size, N]
+    mins: torch.Tensor  # fp16 [K // group_size, N]
     bits: int
     group_size: int
     shape: tuple[int, int]  # (N, K) of the original weight
@@ -61,7 +70,30 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedWeigh
     shifts = torch.arange(per_word, dtype=torch.int32, device=w.device) * bits
     packed = (codes << shifts).sum(-1, dtype=torch.int64).to(torch.int64)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    return QuantizedWeight(packed.contiguous(), scale16.contiguous(), lo16.contiguous(), bits, group_size, (n, k))
+    return QuantizedWeight(tile_words(packed, k // group_size), scale16.t().contiguous(), lo16.t().contiguous(),
+                           bits, group_size, (n, k))
+
+
+def tile_words(words: torch.Tensor, groups: int) -> torch.Tensor:
+    """Row-major int32 words [N, KW] -> the stored tiles [ceil(N / TILE_ROWS), groups, TILE_ROWS, KW // groups]."""
+    n, kw = words.shape
+    blocks = -(-n // TILE_ROWS)
+    padded = words.new_zeros((blocks * TILE_ROWS, kw))
+    padded[:n] = words
+    return padded.reshape(blocks, TILE_ROWS, groups, kw // groups).permute(0, 2, 1, 3).contiguous()
+
+
+def row_words(qw: QuantizedWeight) -> torch.Tensor:
+    """The row-major int32 words [N, K * bits // 32] of the stored tiles."""
+    n = qw.shape[0]
+    blocks, groups, rows, wpg = qw.packed.shape
+    return qw.packed.permute(0, 2, 1, 3).reshape(blocks * rows, groups * wpg)[:n]
+
+
+def row_major(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(words [N, KW], scales [N, NG], mins [N, NG]), contiguous copies: the layout before the tiles, which the
+    GPU probes' own kernels (scripts/) read."""
+    return row_words(qw).contiguous(), qw.scales.t().contiguous(), qw.mins.t().contiguous()
 
 
 def unpack_codes(qw: QuantizedWeight) -> torch.Tensor:
@@ -69,7 +101,7 @@ def unpack_codes(qw: QuantizedWeight) -> torch.Tensor:
     n, k = qw.shape
     per_word = 32 // qw.bits
     shifts = torch.arange(per_word, dtype=torch.int32, device=qw.packed.device) * qw.bits
-    codes = (qw.packed[..., None] >> shifts) & (2**qw.bits - 1)
+    codes = (row_words(qw)[..., None] >> shifts) & (2**qw.bits - 1)
     return codes.reshape(n, k)
 
 
@@ -77,5 +109,5 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     """The [N, K] weight the codes stand for: q * scale + min, per group."""
     n, k = qw.shape
     q = unpack_codes(qw).float().reshape(n, k // qw.group_size, qw.group_size)
-    w = q * qw.scales.float()[..., None] + qw.mins.float()[..., None]
+    w = q * qw.scales.t().float()[..., None] + qw.mins.t().float()[..., None]
     return w.reshape(n, k).to(dtype)

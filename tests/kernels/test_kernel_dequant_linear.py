@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ttha.kernels import _backend, dequant_linear, dequant_linear_ref, dequant_linear_triton
-from ttha.quant import dequantize, quantize
+from ttha.quant import dequantize, quantize, row_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
@@ -237,6 +237,10 @@ def test_backend_name_is_validated():
     (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 3, qw.group_size, qw.shape), b), "qweight.bits"),
     (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 4, 48, qw.shape), b), "qweight.group_size"),
     (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales, qw.mins, 4, 64, (32, 96)), b), "qweight"),
+    # the row-major words and [N, NG] scales of earlier versions are refused, not read wrongly
+    (lambda x, qw, b: (x, type(qw)(row_words(qw), qw.scales, qw.mins, 4, 32, qw.shape), b), "qweight.packed"),
+    (lambda x, qw, b: (x, type(qw)(qw.packed, qw.scales.t().contiguous(), qw.mins, 4, 32, qw.shape), b),
+     "qweight.scales"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(mutate, name):
     x, qw, b, _ = _case(2, 32, 128, 4, 32)
