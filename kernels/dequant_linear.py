@@ -10,8 +10,8 @@ Four regimes, picked from M (rows of x):
 - M <= GEMV_M (decode, one row) while a CUDA graph is being captured (and once per shape eagerly, to
   tune it before a capture): `_gemv_kernel`, after `_x_pairs_kernel` rearranges x (K values, tiny) into
   fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
-  over tiles of whole groups 128-512 bytes wide per row (64-byte rows per tile ran at half the copy
-  bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
+  over tiles of whole groups, each group of 64 rows one stored block (row-major 64-byte pieces of many
+  rows ran at half the copy bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
   host time than its GPU time saves. Both decode chains (this and the next) are tuned as served: each
   config's whole chain timed from CUDA graphs (chain_tune.py), not the main kernel alone.
 - GEMV_M < M < LARGE_M, under CUDA graph capture (and once per shape and M bucket eagerly, to tune it):
@@ -491,9 +491,8 @@ if HAS_TRITON:
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
         so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
         x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.5 SASS
-        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. Tiles are wide along K
-        (BKW words, up to 512 bytes a row) because the weight streams from DRAM row by row: 64-byte pieces of
-        many rows ran at half the copy bandwidth. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
+        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile is whole stored blocks
+        (one group of 64 rows each, contiguous: ttha.quant), so it streams from DRAM in long pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
         for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (words, scales,
         mins: nothing _x_pairs_kernel writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a
         call less), then the reduction may launch."""
