@@ -491,8 +491,8 @@ if HAS_TRITON:
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
         so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
         x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.5 SASS
-        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile is whole stored blocks
-        (one group of 64 rows each, contiguous: ttha.quant), so it streams from DRAM in long pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
+        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile's rows of one group lie in one
+        stored block (a group of 64 rows, contiguous: ttha.quant), so it streams from DRAM in long pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
         for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (words, scales,
         mins: nothing _x_pairs_kernel writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a
         call less), then the reduction may launch."""
