@@ -11,9 +11,10 @@ Four regimes, picked from M (rows of x):
   tune it before a capture): `_gemv_kernel`, after `_x_pairs_kernel` rearranges x (K values, tiny) into
   fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
   over tiles of whole groups, each group of 64 rows one stored block (row-major 64-byte pieces of many
-  rows ran at half the copy bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's three launches cost more
-  host time than its GPU time saves. Both decode chains (this and the next) are tuned as served: each
-  config's whole chain timed from CUDA graphs (chain_tune.py), not the main kernel alone.
+  rows ran at half the copy bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's
+  three launches cost more host time than its GPU time saves. Both decode chains (this and the next) are
+  tuned as served: each config's whole chain timed from CUDA graphs (chain_tune.py), not the main kernel
+  alone.
 - GEMV_M < M < LARGE_M, under CUDA graph capture (and once per shape and M bucket eagerly, to tune it):
   `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
   x into the order in which an MMA's A operand holds a thread's unpacked words (`_mma_codes`): the codes go
@@ -491,11 +492,12 @@ if HAS_TRITON:
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
         so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
         x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.5 SASS
-        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile's rows of one group lie in one
-        stored block (a group of 64 rows, contiguous: ttha.quant), so it streams from DRAM in long pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k]
-        for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (words, scales,
-        mins: nothing _x_pairs_kernel writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a
-        call less), then the reduction may launch."""
+        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile's rows of one group
+        lie in one stored block (a group of 64 rows, contiguous: ttha.quant), so it streams from DRAM in long
+        pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for _splitk_reduce_kernel. PDL:
+        launched while _x_pairs_kernel runs, so the first tile (words, scales, mins: nothing _x_pairs_kernel
+        writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a call less), then the
+        reduction may launch."""
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW  # words per group
         GT: tl.constexpr = BKW // WPG  # whole groups per tile
@@ -599,7 +601,8 @@ if HAS_TRITON:
     @triton.jit
     def _mma_group_params(s_ptr, m_ptr, xs_ptr, rn64, n_ok, rm, m_ok, g, M, N):
         """Group g's scale and min of rows rn64 [BN] and x sums of rows rm [BM]."""
-        return (tl.load(s_ptr + g * N + rn64, mask=n_ok, other=0.0), tl.load(m_ptr + g * N + rn64, mask=n_ok, other=0.0),
+        return (tl.load(s_ptr + g * N + rn64, mask=n_ok, other=0.0),
+                tl.load(m_ptr + g * N + rn64, mask=n_ok, other=0.0),
                 tl.load(xs_ptr + g * M + rm, mask=m_ok, other=0.0))
 
     @triton.jit
@@ -621,7 +624,6 @@ if HAS_TRITON:
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW
         BF16: tl.constexpr = xv_ptr.dtype.element_ty == tl.bfloat16
-        KW = K // PW
         NG = K // GROUP
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rn = pid_n * BN + tl.arange(0, BN)
