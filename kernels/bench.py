@@ -125,13 +125,12 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
     except Exception:
         return None
     try:
-        from ttha.quant import quantize, unpack_codes
+        from ttha.quant import quantize, row_major, unpack_codes
 
         qw = quantize(w, bits, group)
-        n, k = w.shape
         codes = unpack_codes(qw).to(torch.uint8)
-        scales = qw.scales.t().contiguous()  # stored [NG, N]
-        zeros = (-qw.mins.float() / qw.scales.float()).half().t().contiguous()
+        _, scales, mins = row_major(qw)  # gemlite takes [N, NG]
+        zeros = (-mins.float() / scales.float()).half()
         return A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(codes, scales, zeros, bits, group, bias=None)
     except Exception as exc:  # peer column is optional
         print(f"gemlite unavailable: {exc}")

@@ -118,6 +118,7 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
     tr = graph_us(lambda q_: q_.packed.sum(), qs)
     # the probe's own kernels read the row-major layout of the ninth version; the shipped one reads the tiles
     legacy = [row_major(q_) for q_ in qs]
+    stored = [(q_.packed, q_.scales, q_.mins) for q_ in qs]
     rows.append(dict(K=k, N=n, bits=bits, kind="torch_sum_words", cfg="", us=tr, GBps=n * kw * 4 / tr / 1e3))
     xp = torch.empty((1, pw // 2 * kw), dtype=torch.int32, device="cuda")
     xg = torch.empty((1, 2 * ng), dtype=torch.float32, device="cuda")
@@ -135,11 +136,9 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
         cfg = f"BN{bn} BKW{bkw} S{split} W{warps}"
         g2, g3 = (n // bn, split), (n // bn, 1, split)
         meta = dict(BITS=bits, GROUP=128, BN=bn, BKW=bkw, SPLIT_K=split, num_warps=warps)
-        plain = legacy
-        stored = [(q_.packed, q_.scales, q_.mins) for q_ in qs]
         cases = {
-            "stream_words": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=False, **meta), plain),
-            "stream_rows": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=True, **meta), plain),
+            "stream_words": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=False, **meta), legacy),
+            "stream_rows": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=False, SCALES=True, **meta), legacy),
             "stream_tiled": (lambda t_: _stream[g2](*t_, o, kw, ng, TILED=True, SCALES=True, **meta), tq),
             "gemv": (lambda t_: _gemv_kernel[g3](xp, xg, *t_, x, y, p, 1, n, kw, ng, HAS_BIAS=False, ASM=True,
                                                  **meta), stored),
@@ -147,7 +146,7 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
                 BN=bn, BKW=bkw, SPLIT_K=split, num_warps=warps)), qs),
         }
         for name, params in PARAMS.items():
-            items = [(w_, pr, pr) for (w_, _, _), pr in zip(legacy, pairs)] if name == "params_t" else plain
+            items = [(w_, pr, pr) for (w_, _, _), pr in zip(legacy, pairs)] if name == "params_t" else legacy
             for first in (False, True):
                 cases[f"variant_{name}{'_first' if first else ''}"] = (
                     lambda t_, params=params, first=first: _gemv_variant[g3](xp, xg, *t_, p, n, kw, ng, PARAMS=params,
@@ -159,7 +158,7 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
         # the variants that read the real (scale, min) must give the kernel's partials
         _gemv_kernel[g3](xp, xg, *stored[0], x, y, p, 1, n, kw, ng, HAS_BIAS=False, ASM=True, **meta)
         ref = p.clone() if split > 1 else y.float()
-        for params, sp in ((0, plain[0][1:]), (1, (pairs[0],) * 2)):
+        for params, sp in ((0, legacy[0][1:]), (1, (pairs[0],) * 2)):
             for first in (False, True):
                 _gemv_variant[g3](xp, xg, legacy[0][0], *sp, p, n, kw, ng, PARAMS=params, FIRST=first, **meta)
                 err = float((p - ref).abs().max() / ref.abs().max())
