@@ -9,7 +9,7 @@ Four regimes, picked from M (rows of x):
 
 - M <= GEMV_M (decode, one row) while a CUDA graph is being captured (and once per shape eagerly, to
   tune it before a capture): `_gemv_kernel`, after `_x_pairs_kernel` rearranges x (K values, tiny) into
-  fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~2 instructions a code, `_word_dot`),
+  fp16 pairs. Per word it sums code * x in half2 arithmetic by PTX (~1.5 instructions a code, `_word_dot`),
   over tiles of whole groups, each group of 64 rows one stored block (row-major 64-byte pieces of many
   rows ran at half the copy bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's
   three launches cost more host time than its GPU time saves. Both decode chains (this and the next) are
@@ -143,17 +143,19 @@ def _dequant_ptx(bits: int, bf16: bool) -> str:
 
 
 def _word_dot_ptx(bits: int) -> str:
-    """PTX for _word_dot: $0 (f32) = sum over the word $1's codes of code * x, x's pairs in $2.. (half2)."""
+    """PTX for _word_dot: $0 (f32) = 2**-24 * sum over the word $1's codes of code * x, x's pairs in $2.. (half2).
+    A pair's codes masked in place (one AND) are, as fp16 bit patterns, the subnormals code * 2**(pos - 24): exact,
+    and HFMA2 takes subnormals at full rate, so no magic number is ORed in and subtracted again (one instruction a
+    pair fewer; H100, M = 1, best config of each: 8192x28672 int2 36.3 -> 32.6 us, int4 48.1 -> 47.1). x's pairs
+    carry 2**-pos, and products with x near its group's amax are normal fp16 (_x_pairs_kernel scales each group of
+    x to +-2**15)."""
     mask = (1 << bits) - 1
-    lines = ["{", ".reg .b32 m, t, u, a;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
-             "mov.b32 m, 0x64006400;"]  # fp16 1024 in both halves
+    lines = ["{", ".reg .b32 t, u, a;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
     for p, pos, shift, src in _pair_sources(bits, "$1"):
-        lines += [*shift, f"lop3.b32 t, {src}, {(mask << pos) * 0x10001:#010x}, m, 0xEA;",  # (src & lanes) | m
-                  "sub.f16x2 t, t, m;",
+        lines += [*shift, f"and.b32 t, {src}, {(mask << pos) * 0x10001:#010x};",
                   f"mul.f16x2 a, t, ${p + 2};" if p == 0 else f"fma.rn.f16x2 a, t, ${p + 2}, a;"]
     lines += ["mov.b32 {lo, hi}, a;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;", "}"]
     return "\n".join(lines)
-
 
 
 MMA_MAGIC = {False: 0x6400, True: 0x4300}  # fp16 1024, bf16 128: OR a code into the mantissa, read magic + code
@@ -387,9 +389,10 @@ if HAS_TRITON:
     def _x_pairs_kernel(x_ptr, xp_ptr, xg_ptr, KW, NG, stride_xm,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr, PDL: tl.constexpr = False):
         """x [M, K] -> for _gemv_kernel: xp [M, PP, KW] int32, pair p of word kw as half2 (x[kw * PW + p],
-        x[kw * PW + p + PP]) * 256 / amax(group) * 2**-pos_p (pos undone on x, the group scaled to +-256 so
-        fp16 keeps its precision and the per-word sums stay far from overflow); xg [M, 2, NG] fp32: each
-        group's sum of x (for the mins) and amax / 256 (to undo the scaling). PDL: the GEMV may launch at once."""
+        x[kw * PW + p + PP]) * 2**15 / amax(group) * 2**-pos_p (pos undone on x; the group scaled to +-2**15, so that
+        times the subnormal codes of _word_dot_ptx, code * 2**(pos - 24), the products of x near its amax are
+        normal fp16, 2**-9 code x / amax); xg [M, 2, NG] fp32: each group's sum of x (for the mins) and
+        amax * 2**9 (to undo the scaling). PDL: the GEMV may launch at once."""
         if PDL:
             gdc_launch_dependents()
         PW: tl.constexpr = 32 // BITS
@@ -403,7 +406,7 @@ if HAS_TRITON:
         x = tl.load(x_row[:, None] + tl.arange(0, PW)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         gmax = tl.max(tl.reshape(tl.max(tl.abs(x), axis=1), (NGC, WPG)), axis=1)
         gsum = tl.sum(tl.reshape(tl.sum(x, axis=1), (NGC, WPG)), axis=1)
-        inv = tl.where(gmax > 0, 256.0 / tl.where(gmax > 0, gmax, 1.0), 0.0)
+        inv = tl.where(gmax > 0, 32768.0 / tl.where(gmax > 0, gmax, 1.0), 0.0)
         inv_w = tl.reshape(tl.broadcast_to(inv[:, None], (NGC, WPG)), (BKW,))
         out = xp_ptr + m * (PP * KW) + kw
         for p in tl.static_range(PP):
@@ -415,15 +418,15 @@ if HAS_TRITON:
             tl.store(out + p * KW, lo | hi, mask=ok)
         g = tl.program_id(0) * NGC + tl.arange(0, NGC)
         tl.store(xg_ptr + m * (2 * NG) + g, gsum, mask=g < NG)
-        tl.store(xg_ptr + m * (2 * NG) + NG + g, gmax / 256.0, mask=g < NG)
+        tl.store(xg_ptr + m * (2 * NG) + NG + g, gmax * 512.0, mask=g < NG)
 
     @triton.jit
     def _word_dot(words, xp_ptr, KW, kw, BITS: tl.constexpr, ASM: tl.constexpr):
-        """[R, W] int32 words times x's pairs at words kw [W] -> [R, W] fp32: per word, sum over its codes of
-        code * x. The PTX (ASM): per pair, (word >> shift) & lane mask | 0x6400 in each half is fp16
-        1024 + code * 2**pos (one LOP3), minus 1024 exactly (HSUB2), times x's half2 into an fp16x2
-        accumulator (HFMA2), the two halves summed in fp32 at the end: ~2 instructions a code where fp32
-        needs 4. Elsewhere (Triton's interpreter cannot run PTX) the same sum in fp32."""
+        """[R, W] int32 words times x's pairs at words kw [W] -> [R, W] fp32: per word, 2**-24 times the sum over
+        its codes of code * x. The PTX (ASM): per pair, (word >> shift) & lane mask in each half is the fp16
+        subnormal code * 2**(pos - 24) (one AND), times x's half2 into an fp16x2 accumulator (HFMA2), the two
+        halves summed in fp32 at the end: ~1.5 instructions a code where fp32 needs 4 (with a magic number ORed
+        in and subtracted, 2). Elsewhere (Triton's interpreter cannot run PTX) the same sum in fp32."""
         PP: tl.constexpr = 16 // BITS
         if ASM:
             x0 = tl.load(xp_ptr + kw)[None, :]
@@ -449,6 +452,7 @@ if HAS_TRITON:
                 sh = _pair_shift(p, BITS)
                 mask = ((1 << BITS) - 1) << (BITS * p - sh)
                 r += ((words >> sh) & mask).to(tl.float32) * lo + ((words >> (sh + 16)) & mask).to(tl.float32) * hi
+            r *= 5.9604644775390625e-08  # 2**-24, as the subnormal codes carry it
         return r
 
     @triton.jit
@@ -491,13 +495,13 @@ if HAS_TRITON:
 
         Each [BN, BKW] tile of words covers whole groups: sum_k x_k (c_k s + m) = s sum_k x_k c_k + m sum_k x_k,
         so per word only the code-times-x sum in half2 arithmetic (_word_dot), times its group's scale (and
-        x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.5 SASS
-        instructions a code in the compiled loop (sm_90) against ~4 for fp32 codes. A tile's rows of one group
-        lie in one stored block (a group of 64 rows, contiguous: ttha.quant), so it streams from DRAM in long
-        pieces. With SPLIT_K > 1 each K range writes fp32 partials p[pid_k] for _splitk_reduce_kernel. PDL:
-        launched while _x_pairs_kernel runs, so the first tile (words, scales, mins: nothing _x_pairs_kernel
-        writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6 us a call less), then the
-        reduction may launch."""
+        x's group scaling, undone), and per group the min times the group's x sum (_gemv_tile). ~2.4 (int4) and
+        ~1.9 (int2) SASS instructions a code in the compiled loop (sm_90; BN 64, BKW 64 and 32, 4 warps) against ~4
+        for fp32 codes. A tile's rows of one group lie in one stored block (a group of 64 rows, contiguous:
+        ttha.quant), so it streams from DRAM in long pieces. With SPLIT_K > 1 each K range writes fp32 partials
+        p[pid_k] for _splitk_reduce_kernel. PDL: launched while _x_pairs_kernel runs, so the first tile (words,
+        scales, mins: nothing _x_pairs_kernel writes) is loaded before waiting for x's pairs (H100, M = 1: 0.2-0.6
+        us a call less), then the reduction may launch."""
         PW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PW  # words per group
         GT: tl.constexpr = BKW // WPG  # whole groups per tile
@@ -779,11 +783,13 @@ if HAS_TRITON:
     MMA_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in MMA_CONFIGS)
 
     def _prune_mma(configs, named_args, **kwargs):
-        """Whole groups a split; 1-4 programs per SM where the shape allows, else the most."""
+        """Whole groups a split; 1-8 programs per SM where the shape allows, else the most. (Up to 4 left out the
+        fastest 2-bit tile at 8192x28672, M = 16 on the H100: BN = 128 split 4, 6.8 programs an SM, 43.8 us
+        against 46.4 for the best of the narrower space.)"""
         args = {**named_args, **kwargs}
         ng, n = args["K"] // args["GROUP"], args["N"]
         fits = [c for c in configs if ng % c.kwargs["SPLIT_K"] == 0]
-        return _fill_sms(fits, n, 4)
+        return _fill_sms(fits, n, 8)
 
     _mma_tuned = triton.autotune(
         configs=MMA_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_BIAS"],
