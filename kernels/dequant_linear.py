@@ -389,10 +389,10 @@ if HAS_TRITON:
     def _x_pairs_kernel(x_ptr, xp_ptr, xg_ptr, KW, NG, stride_xm,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BKW: tl.constexpr, PDL: tl.constexpr = False):
         """x [M, K] -> for _gemv_kernel: xp [M, PP, KW] int32, pair p of word kw as half2 (x[kw * PW + p],
-        x[kw * PW + p + PP]) * 2**15 / amax(group) * 2**-pos_p (pos undone on x; the group scaled to +-2**15, so that
-        times the subnormal codes of _word_dot_ptx, code * 2**(pos - 24), the products of x near its amax are
-        normal fp16, 2**-9 code x / amax); xg [M, 2, NG] fp32: each group's sum of x (for the mins) and
-        amax * 2**9 (to undo the scaling). PDL: the GEMV may launch at once."""
+        x[kw * PW + p + PP]) * 2**15 / amax(group) * 2**-pos_p (pos undone on x; each group scaled to +-2**15 so
+        that its products with the subnormal codes of _word_dot_ptx, code * 2**(pos - 24), are 2**-9 code x / amax:
+        normal fp16 for x near the amax); xg [M, 2, NG] fp32: each group's sum of x (for the mins) and amax * 2**9
+        (to undo the scaling). PDL: the GEMV may launch at once."""
         if PDL:
             gdc_launch_dependents()
         PW: tl.constexpr = 32 // BITS
