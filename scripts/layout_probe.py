@@ -122,7 +122,7 @@ def probe(k: int, n: int, bits: int, x, w, tb: float, copy_gbs: float, rows: lis
     rows.append(dict(K=k, N=n, bits=bits, kind="torch_sum_words", cfg="", us=tr, GBps=n * kw * 4 / tr / 1e3))
     xp = torch.empty((1, pw // 2 * kw), dtype=torch.int32, device="cuda")
     xg = torch.empty((1, 2 * ng), dtype=torch.float32, device="cuda")
-    _x_pairs_kernel[(kw // 64, 1)](x, xp, xg, kw, ng, x.stride(0), BITS=bits, GROUP=128, BKW=64)
+    _x_pairs_kernel[(kw // 64, 1)](x, xp, xg, None, kw, ng, 0, x.stride(0), BITS=bits, GROUP=128, BKW=64)
     pairs = [half_pairs_t(q_) for q_ in qs]
     best = {}
     for bn, bkw, split, warps in CONFIGS:

@@ -104,18 +104,50 @@ def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
 
 
 
+@needs_kernel
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatch):
+    """A decode chain that splits K adds each split's partial into y (zeroed by its prep kernel) and launches no
+    reduction; under torch.use_deterministic_algorithms(True) it writes fp32 partials and reduces them in a fixed
+    order, as before. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    m, n = (1, 40) if path == "gemv" else (5, 72)
+    x, qw, b, ref = _case(m, n, 4 * 128, 2, 128, dtype=torch.float16, seed=3)
+    reductions = []
+    real = dl._splitk_reduce_kernel
+
+    class Spy:  # counts the reduction's launches
+        def __getitem__(self, grid):
+            reductions.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(dl, "_splitk_reduce_kernel", Spy())
+    config = {"BN": 16, "BKW": 8, "SPLIT_K": 4} if path == "gemv" else {"BN": 64, "SPLIT_K": 4}
+    added = dequant_linear_triton(x, qw, b, config=config, path=path)
+    assert reductions == [] and _rel(added, ref) < 3e-3  # each partial rounded to fp16 before its add
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        reduced = dequant_linear_triton(x, qw, b, config=config, path=path)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(reductions) == 1 and _rel(reduced, ref) < 1e-3  # one rounding
+    dequant_linear_triton(x.bfloat16(), qw, b.bfloat16(), config=config, path=path)
+    assert len(reductions) == (1 if DEV == "cuda" else 2)
+
+
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (72, 4 * 128)])
 def test_mma_autotune_space_fits_the_kernel(group, n, k):
-    """Every tuned split of the MMA kernel covers whole groups; real shapes get 1-8 programs an H100 SM."""
+    """Every tuned split of the MMA kernel covers whole groups; real shapes get 1 to MAX_PER_SM programs an H100 SM."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     configs = dl._prune_mma(dl.MMA_CONFIGS, {"GROUP": group, "K": k, "N": n})
     assert configs
     for c in configs:
         assert (k // group) % c.kwargs["SPLIT_K"] == 0
         if n > 1000:
-            assert dl.MIN_PROGRAMS <= -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= 8 * dl.MIN_PROGRAMS
+            assert dl.MIN_PROGRAMS <= -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"] <= dl.MAX_PER_SM * dl.MIN_PROGRAMS
 
 
 @needs_kernel
@@ -478,14 +510,20 @@ def test_codes_ptx_and_joins_give_the_mma_order(bits, bf16):
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 2])
-def test_x_mma_kernel_writes_x_in_mma_order_and_group_sums(bits):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_x_mma_kernel_writes_x_in_mma_order_group_sums_and_zeros_y(bits, dtype):
+    """x in MMA order and each group's sum; with ZERO, y's rows cleared for the main kernel's split-K adds (every
+    element, though N = 100 is not a multiple of the programs)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
-    m, k, group = 3, 512, 64
-    x = torch.randn(m, k).to(DEV, torch.bfloat16)
+    m, k, group, n = 3, 1024, 64, 100
+    x = torch.randn(m, k).to(DEV, dtype)
     kw, ng = k * bits // 32, k // group
     xv = torch.empty_like(x)
     xs = torch.empty((ng, m), dtype=torch.float32, device=DEV)
-    dl._x_mma_kernel[(kw // 64 if kw >= 64 else 1, m)](x, xv, xs, m, kw, ng, x.stride(0), BITS=bits, GROUP=group,
-                                                       BKW=min(64, kw))
+    y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    programs = kw // 32
+    dl._x_mma_kernel[(programs, m)](x, xv, xs, y, m, kw, ng, n, x.stride(0), BITS=bits, GROUP=group, BKW=32,
+                                    ZERO=True)
     assert torch.equal(xv[:, dl.mma_order(bits, k).to(DEV)], x)
     torch.testing.assert_close(xs, x.float().reshape(m, ng, group).sum(-1).T, rtol=1e-5, atol=1e-5)
+    assert programs > 1 and torch.equal(y, torch.zeros_like(y))
