@@ -834,7 +834,7 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
     pdl_kw = dict(PDL=True, launch_pdl=True) if pdl else {}
     meta = dict(meta, **pdl_kw, **(dict(ADD=True) if add else {}))
     if config is not None:
-        kernel[grid(config)](*args, **meta, **config)
+        kernel[grid(config)](*args, **meta, **{k: v for k, v in config.items() if k != "ADD"})  # ADD: `add`
         split = int(config["SPLIT_K"])
     else:
         tuned[grid](*args, **meta)
@@ -866,13 +866,15 @@ def _pdl_ok(device: torch.device) -> bool:
 
 
 def _split_adds(x2: torch.Tensor, config: dict | None) -> bool:
-    """Whether a decode chain's split-K partials are added into y by its main kernel (y zeroed by the prep kernel;
-    red.global.add in x's dtype) instead of written in fp32 for a reduction kernel: one launch and the partials'
-    round trip fewer (H100, M = 16, 8192x28672: int4 55.5 -> 51.1 us, int2 44.0 -> 40.2). Each partial is rounded
-    to x's dtype before it is added (relerr 4.7e-3 at split 8 against 2.6e-3, bf16), and the order of the adds
-    varies between runs, so not under torch.use_deterministic_algorithms(True); nor when the split is unknown
-    before the launch (no config: Triton's autotuner), nor for bf16 on the interpreter (no bf16 atomics there)."""
-    return (config is not None and int(config["SPLIT_K"]) > 1 and not torch.are_deterministic_algorithms_enabled()
+    """Whether a decode chain's split-K partials are added into y by its main kernel (config ADD; y zeroed by the
+    prep kernel; red.global.add in x's dtype) instead of written in fp32 for a reduction kernel: one launch and the
+    partials' round trip fewer, faster for most split tiles (H100, M = 16, 8192x28672: int4 best 55.5 -> 51.1 us,
+    int2 44.0 -> 40.2) but not all (M = 1 at 14336x4096: 14.2 against 15.2 us), so the chain tuner tries both
+    (_chain_config). Each partial is rounded to x's dtype before it is added (relerr 4.7e-3 at split 8 against
+    2.6e-3, bf16), and the order of the adds varies between runs, so never under
+    torch.use_deterministic_algorithms(True); nor for bf16 on the interpreter (no bf16 atomics there)."""
+    return (config is not None and bool(config.get("ADD")) and int(config["SPLIT_K"]) > 1
+            and not torch.are_deterministic_algorithms_enabled()
             and not (interpreting() and x2.dtype == torch.bfloat16))
 
 
@@ -918,7 +920,10 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
 
     def configs():  # a generator: the space is pruned only if best_config iterates it
         for c in space():
-            yield dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            yield cfg
+            if cfg["SPLIT_K"] > 1 and sums == "adds":  # the same tile adding its partials into y (_split_adds)
+                yield dict(cfg, ADD=True)
 
     return chain_tune.best_config(key, configs(), time_us)
 

@@ -107,9 +107,9 @@ def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
 @needs_kernel
 @pytest.mark.parametrize("path", ["gemv", "mma"])
 def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatch):
-    """A decode chain that splits K adds each split's partial into y (zeroed by its prep kernel) and launches no
-    reduction; under torch.use_deterministic_algorithms(True) it writes fp32 partials and reduces them in a fixed
-    order, as before. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
+    """A decode config that splits K with ADD adds each split's partial into y (zeroed by its prep kernel) and
+    launches no reduction; without ADD, or under torch.use_deterministic_algorithms(True), the chain writes fp32
+    partials and reduces them in a fixed order. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     m, n = (1, 40) if path == "gemv" else (5, 72)
     x, qw, b, ref = _case(m, n, 4 * 128, 2, 128, dtype=torch.float16, seed=3)
@@ -123,17 +123,20 @@ def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatc
 
     monkeypatch.setattr(dl, "_splitk_reduce_kernel", Spy())
     config = {"BN": 16, "BKW": 8, "SPLIT_K": 4} if path == "gemv" else {"BN": 64, "SPLIT_K": 4}
-    added = dequant_linear_triton(x, qw, b, config=config, path=path)
+    adds = dict(config, ADD=True)
+    added = dequant_linear_triton(x, qw, b, config=adds, path=path)
     assert reductions == [] and _rel(added, ref) < 3e-3  # each partial rounded to fp16 before its add
+    reduced = dequant_linear_triton(x, qw, b, config=config, path=path)
+    assert len(reductions) == 1 and _rel(reduced, ref) < 1e-3  # one rounding
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        reduced = dequant_linear_triton(x, qw, b, config=config, path=path)
+        assert torch.equal(dequant_linear_triton(x, qw, b, config=adds, path=path), reduced)
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    assert len(reductions) == 1 and _rel(reduced, ref) < 1e-3  # one rounding
-    dequant_linear_triton(x.bfloat16(), qw, b.bfloat16(), config=config, path=path)
-    assert len(reductions) == (1 if DEV == "cuda" else 2)
+    assert len(reductions) == 2
+    dequant_linear_triton(x.bfloat16(), qw, b.bfloat16(), config=adds, path=path)
+    assert len(reductions) == (2 if DEV == "cuda" else 3)
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
