@@ -27,7 +27,8 @@ Four regimes, picked from M (rows of x):
   slice of x, on the FMA units for few rows or on tensor cores (dequantized into x's dtype by PTX, through
   shared memory); the autotuner also tries the older "planes" variant (no unpacking; strided x). Split-K
   (a third grid axis, partial sums reduced by a second small kernel) keeps every SM streaming when N / BN
-  is small; the GEMV and the MMA kernel split K the same way.
+  is small; the GEMV and the MMA kernel split K the same way, or add their partials into y in place
+  (`_split_adds`, a tuned choice).
 - M >= LARGE_M: `_dequant_kernel` writes the bf16/fp16 weight once (coalesced: the same K-order
   unpacking), then cuBLAS multiplies (`path="dequant"` forces it). Dequantizing costs one pass over
   N x K (~7 % of the GEMM at M = 4096 on the H100): two launches, but 0.9x of cuBLAS bf16 where a
@@ -902,8 +903,8 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
     """The config under which the whole decode chain `launch` ran fastest (chain_tune: tuned on the first eager
     call per shape and M bucket, timed from CUDA graphs over weight copies that span L2, kept on disk); None on
     the interpreter or when nothing was tuned before a capture (then Triton's autotuner, timing the main kernel
-    alone, picks). space() gives the pruned triton.Configs; it runs only when tuning, not on the calls (every
-    capture) that find the config remembered."""
+    alone, picks). space() gives the pruned triton.Configs, each that splits K tried also with ADD (_split_adds); it
+    runs only when tuning, not on the calls (every capture) that find the config remembered."""
     if interpreting() or not x2.is_cuda:
         return None
     sums = "det" if torch.are_deterministic_algorithms_enabled() else "adds"  # split-K sums (_split_adds)
