@@ -5,9 +5,8 @@ Triton's autotuner times the main kernel alone, and its pick is not the chain's:
 fastest int4 config ran 15.7 us a call at 4096x14336 where the autotuner's ran 17.0 (kernels/BENCH_H100.md, ninth
 version). The x-prep kernel overlaps the main kernel's start under programmatic dependent launch, and how much
 depends on the tile. The cache file is $TTHA_CHAIN_CACHE, else ~/.cache/ttha/chain_configs.json; entries are
-keyed by GPU name, kernel, weight layout (tiles of TILE_ROWS rows), how split-K partials are summed (added in
-place, or reduced under torch.use_deterministic_algorithms), shape, bit width, group size, bias, dtype and M
-bucket.
+keyed by GPU name, kernel, weight layout (tiles of TILE_ROWS rows), whether split-K partials may be added in place
+(not under torch.use_deterministic_algorithms), shape, bit width, group size, bias, dtype and M bucket.
 """
 from __future__ import annotations
 
