@@ -766,11 +766,11 @@ if HAS_TRITON:
     # split 8: 51.1 us, against 53.3 for the best at 8 or fewer). (At 4, the fastest 2-bit tile had been left out.)
     MAX_PER_SM = 32
 
-    def _fill_sms(fits: list, n: int, per_sm: int, ok=lambda c: True) -> list:
-        """The configs (BN rows x SPLIT_K programs) that pass `ok` and give 1 to `per_sm` programs per SM; shapes
+    def _fill_sms(fits: list, n: int, ok=lambda c: True) -> list:
+        """The configs (BN rows x SPLIT_K programs) that pass `ok` and give 1 to MAX_PER_SM programs per SM; shapes
         too small for that (tests, toy models) get the configs with the most programs the shape allows."""
         programs = lambda c: -(-n // c.kwargs["BN"]) * c.kwargs["SPLIT_K"]  # noqa: E731
-        fill = [c for c in fits if ok(c) and MIN_PROGRAMS <= programs(c) <= per_sm * MIN_PROGRAMS]
+        fill = [c for c in fits if ok(c) and MIN_PROGRAMS <= programs(c) <= MAX_PER_SM * MIN_PROGRAMS]
         if fill:
             return fill
         most = max(programs(c) for c in fits)
@@ -786,8 +786,7 @@ if HAS_TRITON:
                 if c.kwargs["BKW"] % wpg == 0 and kwn % (c.kwargs["SPLIT_K"] * c.kwargs["BKW"]) == 0]
         if not fits:  # K an odd number of small groups (3 x 32, say): one-group tiles always fit
             return [triton.Config({"BN": 32, "BKW": wpg, "SPLIT_K": 1}, num_warps=2)]
-        return _fill_sms(fits, n, MAX_PER_SM,
-                         lambda c: 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32)
+        return _fill_sms(fits, n, lambda c: 16 <= c.kwargs["BN"] * c.kwargs["BKW"] // (32 * c.num_warps) <= 32)
 
     _gemv_tuned = triton.autotune(
         configs=GEMV_CONFIGS, key=["N", "KW", "BITS", "GROUP", "HAS_BIAS"],
@@ -808,7 +807,7 @@ if HAS_TRITON:
         args = {**named_args, **kwargs}
         ng, n = args["K"] // args["GROUP"], args["N"]
         fits = [c for c in configs if ng % c.kwargs["SPLIT_K"] == 0]
-        return _fill_sms(fits, n, MAX_PER_SM)
+        return _fill_sms(fits, n)
 
     _mma_tuned = triton.autotune(
         configs=MMA_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP", "HAS_BIAS"],
