@@ -6,6 +6,8 @@ in the timed call) [vs gemlite when installed], NVML energy per call over >= 2 s
 where a captured decode call's GPU time goes (each kernel's time, torch.profiler), the fused router vs
 the torch sequence, and paced single-call rates (launch overhead).
 Writes bench.csv and bench.json to --out (default $OUT or outputs/kernel_bench) and prints a table.
+Each row prints as it is measured; Ctrl-C or SIGTERM stops the run and still writes the rows measured so far.
+--ms and --shapes narrow the linear and profile tables.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import csv
 import datetime
 import json
 import os
+import signal
 import time
 
 import torch
@@ -137,13 +140,25 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
         return None
 
 
-def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None) -> None:
+class Rows(list):
+    """The bench's rows, each printed as it is measured: a long run shows its progress, and an interrupted one
+    has already shown what it measured."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        where = " ".join(f"{k}={row[k]}" for k in ("K", "N", "M", "T", "E", "k") if k in row)
+        nums = " ".join(f"{k} {row[k]:.1f}" for k in ("us", "torch_us", "graph_us", "torch_graph_us", "energy_mj",
+                                                        "paced_calls_per_s") if isinstance(row.get(k), float))
+        print(f"  {row.get('table', 'linear')} {where} {row['kernel']}: {nums}", flush=True)
+
+
+def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None,
+               shapes: list[tuple[int, int]] | None = None) -> None:
     from ttha.kernels import dequant_linear, dequant_linear_triton
     from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
     from ttha.quant import dequantize, quantize
 
-    shapes = SHAPES[:1] if quick else SHAPES
-    for k, n in shapes:
+    for k, n in shapes or (SHAPES[:1] if quick else SHAPES):
         torch.manual_seed(0)
         w = (torch.randn(n, k, device="cuda") / k**0.5)
         wb = w.to(torch.bfloat16)
@@ -228,7 +243,8 @@ def kernel_us_per_call(graph, calls: int, replays: int = 20) -> dict[str, float]
             if e.device_type.name == "CUDA" and e.count}
 
 
-def run_profile(rows: list, quick: bool, ms: list[int] | None = None) -> None:
+def run_profile(rows: list, quick: bool, ms: list[int] | None = None,
+                shapes: list[tuple[int, int]] | None = None) -> None:
     """Where a captured decode call's GPU time goes: replay time per call beside each kernel's own time (the
     x-prep kernel, the main kernel, the split-K reduction), for ours and bf16 F.linear. The replay time over the
     main kernel's is what launches, waits and the first and last waves cost."""
@@ -236,7 +252,7 @@ def run_profile(rows: list, quick: bool, ms: list[int] | None = None) -> None:
     from ttha.kernels.dequant_linear import LARGE_M
     from ttha.quant import quantize
 
-    for k, n in SHAPES[:1] if quick else SHAPES:
+    for k, n in shapes or (SHAPES[:1] if quick else SHAPES):
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") / k**0.5
         ws = rotating(lambda: w.to(torch.bfloat16), n * k * 2)
@@ -363,6 +379,41 @@ def _ms(text: str) -> list[int]:
     return ms
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes: comma-separated KxN weight shapes, parsed once, before any GPU work."""
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = None
+    if shapes is None or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"--shapes={text!r}: expected comma-separated KxN, e.g. 8192x28672")
+    return shapes
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def save(rows: list, meta: dict, copy_gbs: float, out: str) -> None:
+    """bench.json and bench.csv with each row's ratios and bandwidth shares."""
+    for r in rows:
+        if "us" in r and "bytes" in r:
+            r["ratio"] = r["torch_us"] / r["us"]  # > 1: faster than bf16 F.linear
+            if r.get("graph_us") and r.get("torch_graph_us"):
+                r["graph_ratio"] = r["torch_graph_us"] / r["graph_us"]
+            r["GBps"] = r["bytes"] / (r["us"] * 1e-6) / 1e9
+            r["bw_share"] = r["GBps"] / copy_gbs
+            if r.get("graph_us"):
+                r["graph_bw_share"] = r["bytes"] / (r["graph_us"] * 1e-6) / 1e9 / copy_gbs
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(os.path.join(out, "bench.csv"), "w", newline="") as f:  # csv quotes the profile's kernel dicts
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
@@ -370,6 +421,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="linear,energy,profile,router,launch")
     ap.add_argument("--ms", default=[], type=_ms,
                     help="comma-separated M values for the linear and profile tables (default: all / 1,16)")
+    ap.add_argument("--shapes", default=[], type=_shapes,
+                    help="comma-separated KxN weight shapes for the linear and profile tables (default: all three)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
@@ -382,36 +435,29 @@ def main(argv=None) -> None:
 
     meta["triton"] = triton.__version__
     print(json.dumps(meta), flush=True)
-    rows: list = []
+    rows = Rows()
     sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only,
-                                                 ms=args.ms)),
-                ("profile", lambda: run_profile(rows, args.quick, args.ms)),
+                                                 ms=args.ms, shapes=args.shapes)),
+                ("profile", lambda: run_profile(rows, args.quick, args.ms, args.shapes)),
                 ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows))]
-    for name, fn in sections:
-        if name in only:
-            try:  # a failing section still leaves the others' numbers
-                fn()
-            except Exception as exc:
-                meta.setdefault("errors", []).append(f"{name}: {exc!r}")
-                print(f"section {name} failed: {exc!r}", flush=True)
-    for r in rows:
-        if "us" in r and "bytes" in r:
-            r["ratio"] = r["torch_us"] / r["us"]  # > 1: faster than bf16 F.linear
-            if r.get("graph_us") and r.get("torch_graph_us"):
-                r["graph_ratio"] = r["torch_graph_us"] / r["graph_us"]
-            r["GBps"] = r["bytes"] / (r["us"] * 1e-6) / 1e9
-            r["bw_share"] = r["GBps"] / copy_gbs
-            if r.get("graph_us"):
-                r["graph_bw_share"] = r["bytes"] / (r["graph_us"] * 1e-6) / 1e9 / copy_gbs
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    keys = sorted({k for r in rows for k in r})
-    with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:  # csv quotes the profile's kernel dicts
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # a killed bench (timeout, scheduler) saves what it has
+    try:
+        for name, fn in sections:
+            if name in only:
+                try:  # a failing section still leaves the others' numbers
+                    fn()
+                except Exception as exc:
+                    meta.setdefault("errors", []).append(f"{name}: {exc!r}")
+                    print(f"section {name} failed: {exc!r}", flush=True)
+    except KeyboardInterrupt as exc:
+        meta["interrupted"] = str(exc) or "KeyboardInterrupt"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        save(rows, meta, copy_gbs, args.out)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s on {meta['device']}")
     print(fmt_table(rows))
+    if "interrupted" in meta:
+        raise SystemExit(f"bench interrupted ({meta['interrupted']}): {len(rows)} rows saved to {args.out}")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,54 @@ def test_bad_ms_is_refused_before_any_gpu_work(ms, monkeypatch, capsys):
 
 def test_ms_parses_once_into_integers():
     assert bench._ms("1,16,") == [1, 16] and bench._ms("") == []
+
+
+@pytest.mark.parametrize("shapes", ["8192x", "0x16", "4096x14336x2", "big"])
+def test_bad_shapes_are_refused_before_any_gpu_work(shapes, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: pytest.fail("GPU work started"))
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", shapes])
+    assert f"--shapes={shapes!r}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_shapes_parse_as_k_by_n():
+    assert bench._shapes("4096x14336,8192X28672") == [(4096, 14336), (8192, 28672)]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_interrupted_bench_saves_the_rows_it_measured(stop, tmp_path, monkeypatch, capsys):
+    """A bench stopped mid-table (Ctrl-C, or a timeout's SIGTERM) writes the rows measured so far, with their
+    ratios, marks the run interrupted, exits non-zero and gives SIGTERM its old handler back."""
+    import json
+    import os
+    import signal
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "no GPU (test)")
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3000.0)
+    seen = {}
+
+    def linear(rows, copy_gbs, quick, energy, ms=None, shapes=None):
+        seen.update(ms=ms, shapes=shapes)
+        rows.append(dict(K=4096, N=14336, M=1, kernel="ours_int4_g128", us=20.0, torch_us=50.0, bytes=3e7,
+                         graph_us=10.0, torch_graph_us=40.0))
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt
+        rows.append(dict(K=4096, N=14336, M=4, kernel="never measured"))
+
+    monkeypatch.setattr(bench, "run_linear", linear)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="interrupted .*1 rows saved"):
+        bench.main(["--only", "linear,router", "--ms", "1", "--shapes", "4096x14336", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert seen == dict(ms=[1], shapes=[(4096, 14336)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert "interrupted" in saved["meta"]
+    [row] = saved["rows"]
+    assert row["ratio"] == pytest.approx(2.5) and row["graph_ratio"] == pytest.approx(4.0)
+    assert row["bw_share"] == pytest.approx(3e7 / 20e-6 / 1e9 / 3000.0)
+    assert (tmp_path / "bench.csv").read_text().splitlines()[1].count(",") == len(row) - 1
+    assert "linear K=4096 N=14336 M=1 ours_int4_g128: us 20.0 torch_us 50.0" in capsys.readouterr().out
