@@ -275,9 +275,11 @@ if HAS_TRITON:
     def _dq_mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET, stride_xm,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
-                      USE_DOT: tl.constexpr, PLANES: tl.constexpr = False, ASM: tl.constexpr = False):
+                      USE_DOT: tl.constexpr, PLANES: tl.constexpr = False, ASM: tl.constexpr = False,
+                      ADD: tl.constexpr = False):
         """y = x @ dequant(w).T (+ bias) [M, N] (contiguous); with SPLIT_K > 1 each K range writes fp32
-        partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y.
+        partials p[pid_k] [M, N] instead, which _splitk_reduce_kernel sums into y, or (ADD) adds its partial
+        into y, zeroed by the caller (_store_out).
 
         Per tile of [BN, BKW] words: one (scale, min) per row and group (the tile's group, or its whole
         groups repeated over their words in registers), loaded a tile ahead; the words unpacked in K order
@@ -357,7 +359,7 @@ if HAS_TRITON:
             bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
             acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # once, not once per split
         _store_out(acc, y_ptr, p_ptr, rm.to(tl.int64)[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :],
-                   pid_k, M, N, SPLIT_K, False)
+                   pid_k, M, N, SPLIT_K, ADD)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, y_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -844,19 +846,38 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
     return y
 
 
+_MM_PICKED: dict[tuple, dict] = {}  # eager decode calls: autotune key -> the config its first call ran
+
+
 def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
-    """The matmul kernel (autotuned, or `config`), then the split-K reduction when the config splits."""
+    """The matmul kernel (autotuned, or `config`), then the split-K reduction when the config splits and does
+    not add its partials into y (_split_adds). Eager decode rows (M <= SMALL_M) are autotuned on the first call
+    per key; later calls launch the config that ran directly, adding its partials into a zeroed y: no autotuner
+    dispatch and no reduction launch, which were most of an eager decode call's host time (H100 host, 4096x14336,
+    one process: paced calls 5591 -> 9292/s at M = 1 int4, 5691 -> 8227/s at M = 16 int4; scratch A/B, 2026-11-24)."""
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
+    picked = None
+    if config is None and m <= SMALL_M:
+        picked = (_m_bucket(m), n, k, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device)
+        config = _MM_PICKED.get(picked)
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
         config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 8, "SPLIT_K": 2, "USE_DOT": m > 4}
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
+    add = _split_adds(x2, config)
+    y = torch.zeros((m, n), dtype=x2.dtype, device=x2.device) if add else None
     inputs = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, DOT_F32=interpreting(),
                 ASM=not interpreting())
-    return _launch_split_k(_dq_mm_kernel, _dq_mm_tuned,
-                           lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), int(c["SPLIT_K"])),
-                           inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2)
+    y = _launch_split_k(_dq_mm_kernel, _dq_mm_tuned,
+                        lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), int(c["SPLIT_K"])),
+                        inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2, y=y, add=add)
+    if picked is not None and picked not in _MM_PICKED:  # this key's first call: remember the config that ran
+        if config is None:
+            best = _dq_mm_tuned.best_config
+            config = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        _MM_PICKED[picked] = dict(config, ADD=True)
+    return y
 
 
 def _pdl_ok(device: torch.device) -> bool:
@@ -866,12 +887,12 @@ def _pdl_ok(device: torch.device) -> bool:
 
 
 def _split_adds(x2: torch.Tensor, config: dict | None) -> bool:
-    """Whether a decode chain's split-K partials are added into y by its main kernel (config ADD; y zeroed by the
-    prep kernel; red.global.add in x's dtype) instead of written in fp32 for a reduction kernel: one launch and the
-    partials' round trip fewer, faster for most split tiles (H100, M = 16, 8192x28672: int4 best 55.5 -> 51.1 us,
-    int2 44.0 -> 40.2) but not all (M = 1 at 14336x4096: 14.2 against 15.2 us), so the chain tuner tries both
-    (_chain_config). Each partial is rounded to x's dtype before it is added (relerr 4.7e-3 at split 8 against
-    2.6e-3, bf16), and the order of the adds varies between runs, so never under
+    """Whether split-K partials are added into y by the main kernel (config ADD; y zeroed by a chain's prep kernel
+    or, eagerly, torch.zeros; red.global.add in x's dtype) instead of written in fp32 for a reduction kernel: one
+    launch and the partials' round trip fewer, faster for most split tiles (H100, M = 16, 8192x28672: int4 best
+    55.5 -> 51.1 us, int2 44.0 -> 40.2) but not all (M = 1 at 14336x4096: 14.2 against 15.2 us), so the chain
+    tuner tries both (_chain_config). Each partial is rounded to x's dtype before it is added (relerr 4.7e-3 at
+    split 8 against 2.6e-3, bf16), and the order of the adds varies between runs, so never under
     torch.use_deterministic_algorithms(True); nor for bf16 on the interpreter (no bf16 atomics there)."""
     return (config is not None and bool(config.get("ADD")) and int(config["SPLIT_K"]) > 1
             and not torch.are_deterministic_algorithms_enabled()

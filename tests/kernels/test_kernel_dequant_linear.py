@@ -105,11 +105,11 @@ def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
 
 
 @needs_kernel
-@pytest.mark.parametrize("path", ["gemv", "mma"])
+@pytest.mark.parametrize("path", ["gemv", "mma", "fused"])
 def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatch):
     """A decode config that splits K with ADD adds each split's partial into y (zeroed by its prep kernel) and
-    launches no reduction; without ADD, or under torch.use_deterministic_algorithms(True), the chain writes fp32
-    partials and reduces them in a fixed order. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
+    launches no reduction (the matmul kernel's y zeroed by torch.zeros); without ADD, or under
+    torch.use_deterministic_algorithms(True), the kernel writes fp32 partials and reduces them in a fixed order. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     m, n = (1, 40) if path == "gemv" else (5, 72)
     x, qw, b, ref = _case(m, n, 4 * 128, 2, 128, dtype=torch.float16, seed=3)
@@ -122,7 +122,8 @@ def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatc
             return real[grid]
 
     monkeypatch.setattr(dl, "_splitk_reduce_kernel", Spy())
-    config = {"BN": 16, "BKW": 8, "SPLIT_K": 4} if path == "gemv" else {"BN": 64, "SPLIT_K": 4}
+    config = {"gemv": {"BN": 16, "BKW": 8, "SPLIT_K": 4}, "mma": {"BN": 64, "SPLIT_K": 4},
+              "fused": {"BM": 8, "BN": 16, "BKW": 8, "SPLIT_K": 4, "USE_DOT": False}}[path]
     adds = dict(config, ADD=True)
     added = dequant_linear_triton(x, qw, b, config=adds, path=path)
     assert reductions == [] and _rel(added, ref) < 3e-3  # each partial rounded to fp16 before its add
@@ -137,6 +138,46 @@ def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatc
     assert len(reductions) == 2
     dequant_linear_triton(x.bfloat16(), qw, b.bfloat16(), config=adds, path=path)
     assert len(reductions) == (2 if DEV == "cuda" else 3)
+
+
+@needs_kernel
+def test_eager_decode_calls_relaunch_the_first_calls_config_adding_partials(monkeypatch):
+    """The first eager decode call of a key runs the autotuner (on the interpreter: fixed split-K tiles) and
+    reduces its partials; later calls of that key launch the config that ran directly, adding the partials into
+    y: one launch, no autotuner dispatch, no reduction. Mid-M rows are not remembered."""
+    dl = importlib.import_module("ttha.kernels.dequant_linear")
+    monkeypatch.setattr(dl, "_MM_PICKED", {})
+    launches = []
+    for name in ("_splitk_reduce_kernel", "_dq_mm_tuned"):
+        real = getattr(dl, name)
+
+        class Spy:  # counts the launches through `name`
+            def __init__(self, name, real):
+                self.name, self.real = name, real
+
+            def __getitem__(self, grid):
+                launches.append(self.name)
+                return self.real[grid]
+
+            def __getattr__(self, attr):
+                return getattr(self.real, attr)
+
+        monkeypatch.setattr(dl, name, Spy(name, real))
+    x, qw, b, ref = _case(3, 40, 4 * 128, 4, 128, dtype=torch.float16, seed=9)
+    first = dequant_linear_triton(x, qw, b, path="fused")
+    assert _rel(first, ref) < 1e-3
+    (key, cfg), = dl._MM_PICKED.items()
+    assert key[:6] == (4, 40, 512, 4, 128, True) and cfg["ADD"] is True
+    split = cfg["SPLIT_K"] > 1
+    if DEV == "cpu":
+        assert launches == ["_splitk_reduce_kernel"] and split  # the interpreter's tiles split K in two
+    else:
+        assert launches[0] == "_dq_mm_tuned" and launches[1:] == ["_splitk_reduce_kernel"] * split
+    launches.clear()
+    again = dequant_linear_triton(x, qw, b, path="fused")
+    assert launches == [] and _rel(again, ref) < (3e-3 if split else 1e-3)  # each partial rounded to fp16
+    dequant_linear_triton(torch.cat([x] * 11), qw, b, path="fused")  # M = 33: mid rows
+    assert len(dl._MM_PICKED) == 1
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs triton")
