@@ -107,9 +107,10 @@ def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
 @needs_kernel
 @pytest.mark.parametrize("path", ["gemv", "mma", "fused"])
 def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatch):
-    """A decode config that splits K with ADD adds each split's partial into y (zeroed by its prep kernel) and
-    launches no reduction (the matmul kernel's y zeroed by torch.zeros); without ADD, or under
-    torch.use_deterministic_algorithms(True), the kernel writes fp32 partials and reduces them in a fixed order. fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
+    """A decode config that splits K with ADD adds each split's partial into y (zeroed by the chain's prep kernel,
+    or for the matmul kernel by torch.zeros) and launches no reduction; without ADD, or under
+    torch.use_deterministic_algorithms(True), the kernel writes fp32 partials and reduces them in a fixed order.
+    fp16: the interpreter has no bf16 atomics (bf16 reduces there)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
     m, n = (1, 40) if path == "gemv" else (5, 72)
     x, qw, b, ref = _case(m, n, 4 * 128, 2, 128, dtype=torch.float16, seed=3)
