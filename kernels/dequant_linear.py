@@ -51,9 +51,9 @@ GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
                 # _dq_mm_kernel; replayed from a graph the GEMV runs 2.2-4.4x of bf16 vs 1.5-2.3x (H100)
 SMALL_M = 16    # at or below: the fused kernel's decode tiles (FMA or 16-row tensor-core tiles)
-LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: 0.90-0.96x of bf16 at M = 4096; at M = 256 every
-                # path runs at 0.3-0.5x). Below, the MMA chain under graph capture (M = 64: 1.28-1.41x of bf16) and
-                # the fused kernel eagerly (2026-11-24, kernels/BENCH_H100.md seventh version)
+LARGE_M = 128   # at or above: dequantize once, then cuBLAS (H100: 0.90-0.99x of bf16 at M = 4096; at M = 256
+                # 0.50-0.54x, the fused kernel 0.44-0.67x). Below, the MMA chain under graph capture (M = 64:
+                # 1.98-2.09x of bf16 at 8192x28672) and the fused kernel eagerly (kernels/BENCH_H100.md)
 MAX_SPLIT_K = 8  # largest split in the tuned configs (sizes the partial-sum buffer)
 
 
