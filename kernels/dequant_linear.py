@@ -826,10 +826,11 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
                     y: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """y [m, n] in like's dtype (or the `y` given) from `kernel` with `config` (or the autotuned `tuned`), whose
     arguments are (*inputs, y, partials, *sizes); when the config splits K, the fp32 partials are summed into y
-    after, or with `add` (`kernel` takes ADD; y zeroed before) the kernel adds them into y itself. grid(config)
-    gives the launch grid. pdl: `kernel` and the reduction are launched as programmatic dependents of the kernel
-    before each (`kernel` takes PDL)."""
-    y = torch.empty((m, n), dtype=like.dtype, device=like.device) if y is None else y
+    after, or with `add` (`kernel` takes ADD; a given y zeroed before, else created zeroed here) the kernel adds
+    them into y itself. grid(config) gives the launch grid. pdl: `kernel` and the reduction are launched as
+    programmatic dependents of the kernel before each (`kernel` takes PDL)."""
+    if y is None:
+        y = (torch.zeros if add else torch.empty)((m, n), dtype=like.dtype, device=like.device)
     partials = (torch.empty((max_split, m, n), dtype=torch.float32, device=like.device) if max_split > 1 and not add
                 else y)
     args = (*inputs, y, partials, *sizes)
@@ -846,7 +847,13 @@ def _launch_split_k(kernel, tuned, grid, inputs: tuple, sizes: tuple, meta: dict
     return y
 
 
-_MM_PICKED: dict[tuple, dict] = {}  # eager decode calls: autotune key -> the config its first call ran
+def _decode_key(x2: torch.Tensor, qw: QuantizedWeight, bias) -> tuple:
+    """What an eager decode call's tuned config depends on: M bucket, weight shape, bits, group size, bias, x's
+    dtype and device."""
+    return (_m_bucket(x2.shape[0]), *qw.shape, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device)
+
+
+_MM_PICKED: dict[tuple, dict] = {}  # eager decode calls: _decode_key -> the config its first call ran
 
 
 def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
@@ -858,20 +865,19 @@ def _launch_mm(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None)
     m, n, k = x2.shape[0], qw.shape[0], qw.shape[1]
     picked = None
     if config is None and m <= SMALL_M:
-        picked = (_m_bucket(m), n, k, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device)
+        picked = _decode_key(x2, qw, bias)
         config = _MM_PICKED.get(picked)
     if config is None and interpreting():  # small fixed tiles: the interpreter is slow
         config = {"BM": min(_m_bucket(m), 16), "BN": 16, "BKW": 8, "SPLIT_K": 2, "USE_DOT": m > 4}
     # partial sums only where a config may split (decode); mid-M configs never do
     max_split = int(config["SPLIT_K"]) if config is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
-    add = _split_adds(x2, config)
-    y = torch.zeros((m, n), dtype=x2.dtype, device=x2.device) if add else None
     inputs = (x2, qw.packed, qw.scales, qw.mins, bias if bias is not None else x2)
     meta = dict(BITS=qw.bits, GROUP=qw.group_size, HAS_BIAS=bias is not None, DOT_F32=interpreting(),
                 ASM=not interpreting())
     y = _launch_split_k(_dq_mm_kernel, _dq_mm_tuned,
                         lambda c: (triton.cdiv(n, c["BN"]), triton.cdiv(m, c["BM"]), int(c["SPLIT_K"])),
-                        inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2, y=y, add=add)
+                        inputs, (m, n, k, _m_bucket(m), x2.stride(0)), meta, config, max_split, m, n, x2,
+                        add=_split_adds(x2, config))
     if picked is not None and picked not in _MM_PICKED:  # this key's first call: remember the config that ran
         if config is None:
             best = _dq_mm_tuned.best_config
@@ -1015,7 +1021,7 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 PATHS = ("auto", "gemv", "mma", "fused", "dequant")
-_CHAIN_TUNED: set[tuple] = set()  # (kernel, shape, M bucket) whose chain has run eagerly (so is tuned)
+_CHAIN_TUNED: set[tuple] = set()  # (kernel, *_decode_key) whose chain has run eagerly (so is tuned)
 
 
 def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
@@ -1029,7 +1035,7 @@ def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
         return False
     if torch.cuda.is_current_stream_capturing():
         return True
-    key = (kind, qw.shape, qw.bits, qw.group_size, bias is not None, x2.dtype, x2.device, _m_bucket(x2.shape[0]))
+    key = (kind, *_decode_key(x2, qw, bias))
     if key in _CHAIN_TUNED:
         return False
     _CHAIN_TUNED.add(key)
