@@ -104,6 +104,21 @@ def test_mma_kernel_matches_reference(bits, group, m, bias, dtype, split):
 
 
 
+def _spy_launches(monkeypatch, dl, name: str, log: list) -> None:
+    """dl.<name> (a kernel or an autotuner) replaced by a proxy that appends `name` to `log` at each launch."""
+    real = getattr(dl, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            log.append(name)
+            return real[grid]
+
+        def __getattr__(self, attr):  # e.g. the autotuner's best_config
+            return getattr(real, attr)
+
+    monkeypatch.setattr(dl, name, Spy())
+
+
 @needs_kernel
 @pytest.mark.parametrize("path", ["gemv", "mma", "fused"])
 def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatch):
@@ -115,14 +130,7 @@ def test_split_k_partials_are_added_into_y_unless_deterministic(path, monkeypatc
     m, n = (1, 40) if path == "gemv" else (5, 72)
     x, qw, b, ref = _case(m, n, 4 * 128, 2, 128, dtype=torch.float16, seed=3)
     reductions = []
-    real = dl._splitk_reduce_kernel
-
-    class Spy:  # counts the reduction's launches
-        def __getitem__(self, grid):
-            reductions.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(dl, "_splitk_reduce_kernel", Spy())
+    _spy_launches(monkeypatch, dl, "_splitk_reduce_kernel", reductions)
     config = {"gemv": {"BN": 16, "BKW": 8, "SPLIT_K": 4}, "mma": {"BN": 64, "SPLIT_K": 4},
               "fused": {"BM": 8, "BN": 16, "BKW": 8, "SPLIT_K": 4, "USE_DOT": False}}[path]
     adds = dict(config, ADD=True)
@@ -150,20 +158,7 @@ def test_eager_decode_calls_relaunch_the_first_calls_config_adding_partials(monk
     monkeypatch.setattr(dl, "_MM_PICKED", {})
     launches = []
     for name in ("_splitk_reduce_kernel", "_dq_mm_tuned"):
-        real = getattr(dl, name)
-
-        class Spy:  # counts the launches through `name`
-            def __init__(self, name, real):
-                self.name, self.real = name, real
-
-            def __getitem__(self, grid):
-                launches.append(self.name)
-                return self.real[grid]
-
-            def __getattr__(self, attr):
-                return getattr(self.real, attr)
-
-        monkeypatch.setattr(dl, name, Spy(name, real))
+        _spy_launches(monkeypatch, dl, name, launches)
     x, qw, b, ref = _case(3, 40, 4 * 128, 4, 128, dtype=torch.float16, seed=9)
     first = dequant_linear_triton(x, qw, b, path="fused")
     assert _rel(first, ref) < 1e-3
