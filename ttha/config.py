@@ -49,6 +49,13 @@ NON_NEGATIVE = [
 ]
 
 
+def option(node: Any, key: str, default: Any = None) -> Any:
+    """node.key from a DictConfig, dict or object, with `default` when it is absent or null: the one
+    accessor for library code that takes a config group or a plain object (tests, the profiler)."""
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
     if value is None:

@@ -1,0 +1,71 @@
+"""The process a run lives in: which device, which seeds, how many host threads, what a signal does.
+
+One home for what every entry point sets up before any work, so train.py, profile_kernels.py and the
+stress tool make the same choices.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+
+from ttha import kernels
+from ttha.config import ConfigError
+
+
+def resolve_device(name) -> torch.device:
+    """`auto` picks CUDA when present; an explicit CUDA device on a machine without one is a config error."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", name, "CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError("device", name, "not a torch device (auto | cpu | cuda | cuda:N)") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_kernel_backend(choice: str) -> str:
+    """The one switch between Triton kernels and torch references."""
+    try:
+        kernels.set_backend(choice)
+    except ValueError as err:
+        raise ConfigError("kernels", choice, str(err).split(": ", 1)[-1]) from None
+    return choice
+
+
+def limit_host_threads(device: torch.device) -> None:
+    """On a GPU run the host's torch work is the router's per-step math on tensors of a few thousand
+    elements: one thread. A pool of one per core only adds wake-ups, and stalls when another process takes
+    cores (a stressor, say). CPU runs keep torch's default: the model itself runs there."""
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+
+
+def _sigterm_to_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def install_signal_handlers() -> bool:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, so `with`/finally cleanup runs (the
+    stressor stops, the MLflow run is marked KILLED). Only when SIGTERM has its default handler and
+    we are in the main thread; returns whether the handler is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _sigterm_to_interrupt:
+        return True
+    if current not in (signal.SIG_DFL, None):
+        return False
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    return True
