@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ttha.quant import QuantizedWeight
-
 from ._backend import HAS_TRITON, get_backend, set_backend, use_triton
 from .dequant_linear import check_args as _check_linear
 from .dequant_linear import dequant_linear_ref, dequant_linear_triton
+from .quant import QuantizedWeight
 from .topk_router import check_args as _check_router
 from .topk_router import kernel_supports, topk_router_ref, topk_router_triton
 

@@ -128,7 +128,7 @@ def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
     except Exception:
         return None
     try:
-        from ttha.quant import quantize, row_major, unpack_codes
+        from .quant import quantize, row_major, unpack_codes
 
         qw = quantize(w, bits, group)
         codes = unpack_codes(qw).to(torch.uint8)
@@ -154,9 +154,9 @@ class Rows(list):
 
 def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[int] | None = None,
                shapes: list[tuple[int, int]] | None = None) -> None:
-    from ttha.kernels import dequant_linear, dequant_linear_triton
-    from ttha.kernels.dequant_linear import GEMV_M, LARGE_M
-    from ttha.quant import dequantize, quantize
+    from . import dequant_linear, dequant_linear_triton
+    from .dequant_linear import GEMV_M, LARGE_M
+    from .quant import dequantize, quantize
 
     for k, n in shapes or (SHAPES[:1] if quick else SHAPES):
         torch.manual_seed(0)
@@ -248,9 +248,9 @@ def run_profile(rows: list, quick: bool, ms: list[int] | None = None,
     """Where a captured decode call's GPU time goes: replay time per call beside each kernel's own time (the
     x-prep kernel, the main kernel, the split-K reduction), for ours and bf16 F.linear. The replay time over the
     main kernel's is what launches, waits and the first and last waves cost."""
-    from ttha.kernels import dequant_linear
-    from ttha.kernels.dequant_linear import LARGE_M
-    from ttha.quant import quantize
+    from . import dequant_linear
+    from .dequant_linear import LARGE_M
+    from .quant import quantize
 
     for k, n in shapes or (SHAPES[:1] if quick else SHAPES):
         torch.manual_seed(0)
@@ -279,7 +279,7 @@ def torch_router(logits, bias, k):
 
 
 def run_router(rows: list, copy_gbs: float, quick: bool) -> None:
-    from ttha.kernels import topk_router
+    from . import topk_router
 
     for t, e, k in (ROUTER[::4] if quick else ROUTER):
         logits = torch.randn(t, e, device="cuda")
@@ -301,8 +301,8 @@ def run_router(rows: list, copy_gbs: float, quick: bool) -> None:
 
 
 def run_launch(rows: list) -> None:
-    from ttha.kernels import dequant_linear, topk_router
-    from ttha.quant import quantize
+    from . import dequant_linear, topk_router
+    from .quant import quantize
 
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(14336, 4096, device="cuda") / 64

@@ -1,6 +1,6 @@
 """Group-wise 4/2-bit dequantize + linear: y = x @ dequant(qw).T (+ bias).
 
-Weight format (ttha.quant): codes packed along K in int32 words, code j of a word in bits
+Weight format (quant.py): codes packed along K in int32 words, code j of a word in bits
 [bits*j, bits*(j+1)), one fp16 (scale, min) per group of `group_size` values along K. The words are stored in
 tiles, one group of TILE_ROWS rows a contiguous block (`_row_base`, `_word_offsets`), and (scale, min) group-major
 [NG, N].
@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import torch
 
-from ttha.quant import TILE_ROWS, QuantizedWeight, dequantize
-
 from . import chain_tune
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
+from .quant import TILE_ROWS, QuantizedWeight, dequantize
 from .timing import graph_us, rotating
 
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
@@ -66,7 +65,7 @@ def dequant_linear_ref(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
 def check_args(x, qw, bias) -> None:
     """ValueError naming the argument for anything the kernel and the reference cannot take."""
     if not isinstance(qw, QuantizedWeight):
-        raise ValueError(f"qweight: expected a ttha.quant.QuantizedWeight, got {type(qw).__name__}")
+        raise ValueError(f"qweight: expected a ttha.kernels.quant.QuantizedWeight, got {type(qw).__name__}")
     if qw.bits not in (2, 4):
         raise ValueError(f"qweight.bits={qw.bits}: must be 2 or 4")
     if qw.group_size not in (32, 64, 128):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttha import quant
+from ttha.kernels import quant
 
 Router = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

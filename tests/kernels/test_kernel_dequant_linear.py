@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ttha.kernels import _backend, dequant_linear, dequant_linear_ref, dequant_linear_triton
-from ttha.quant import dequantize, quantize, row_words
+from ttha.kernels.quant import dequantize, quantize, row_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(

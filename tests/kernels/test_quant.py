@@ -1,8 +1,8 @@
-"""ttha.quant: packing round trip, per-group error bound, argument errors."""
+"""ttha.kernels.quant: packing round trip, per-group error bound, argument errors."""
 import pytest
 import torch
 
-from ttha.quant import TILE_ROWS, QuantizedWeight, dequantize, quantize, row_words, tile_words, unpack_codes
+from ttha.kernels.quant import TILE_ROWS, QuantizedWeight, dequantize, quantize, row_words, tile_words, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 4])

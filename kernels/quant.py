@@ -8,10 +8,10 @@ keeps a scale and a minimum so that w ≈ q * scale + min with q in [0, 2**bits 
 The words are stored tile by tile for the kernels: the words of one group of TILE_ROWS consecutive rows are one
 contiguous block (packed [ceil(N / TILE_ROWS), NG, TILE_ROWS, words per group], the last block's missing rows
 zero), and (scale, min) are stored group-major [NG, N], so a group's parameters of consecutive rows are
-contiguous too. On the H100 that took the M = 16 tensor-core chain from 69.1 to 57.1 us (int4) and 57.1 to
-46.5 us (int2) at 8192x28672 against row-major storage: a group of a row is only 32-64 bytes, and rows read
-piecewise streamed far below the copy bandwidth (kernels/BENCH_H100.md, thirteenth version). `row_words` gives
-the row-major [N, K * bits // 32] words.
+contiguous too: a group of one row is only 32-64 bytes, and rows read piece by piece stream far below the copy
+bandwidth. `row_words` gives the row-major [N, K * bits // 32] words.
+
+Standalone (torch only): the kernels beside it and ttha's model both read this format.
 """
 from __future__ import annotations
 
@@ -91,8 +91,8 @@ def row_words(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def row_major(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(words [N, KW], scales [N, NG], mins [N, NG]), contiguous copies: the layout before the tiles, which the
-    GPU probes' own kernels (scripts/) read."""
+    """(words [N, KW], scales [N, NG], mins [N, NG]), contiguous copies: the row-major layout other libraries
+    take (the benchmark's gemlite column)."""
     return row_words(qw).contiguous(), qw.scales.t().contiguous(), qw.mins.t().contiguous()
 
 
