@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .timing import capture, graph_us, replay_us, rotating, timing_graph
+from .tuning import capture, graph_us, replay_us, rotating, timing_graph
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
 MS = [1, 4, 16, 64, 256, 4096]

@@ -13,7 +13,7 @@ Four regimes, picked from M (rows of x):
   over tiles of whole groups, each group of 64 rows one stored block (row-major 64-byte pieces of many
   rows ran at half the copy bandwidth on the H100). Eager calls take `_dq_mm_kernel` (below): the GEMV's
   three launches cost more host time than its GPU time saves. Both decode chains (this and the next) are
-  tuned as served: each config's whole chain timed from CUDA graphs (chain_tune.py), not the main kernel
+  tuned as served: each config's whole chain timed from CUDA graphs (tuning.py), not the main kernel
   alone.
 - GEMV_M < M < LARGE_M, under CUDA graph capture (and once per shape and M bucket eagerly, to tune it):
   `_mma_kernel`, weight-stationary on tensor cores, after `_x_mma_kernel` rearranges
@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import torch
 
-from . import chain_tune
+from . import tuning
 from ._backend import HAS_TRITON, autotune_kwargs, interpreting, triton, tl
 from .quant import TILE_ROWS, QuantizedWeight, dequantize
-from .timing import graph_us, rotating
 
 GEMV_M = 1      # at or below, under CUDA graph capture: the per-row GEMV kernel (_gemv_kernel). Its three
                 # launches cost ~150 us of Python a call on the H100 host, so eager calls keep the one-launch
@@ -925,7 +924,7 @@ def _launch_chain(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | No
 
 
 def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias, space) -> dict | None:
-    """The config under which the whole decode chain `launch` ran fastest (chain_tune: tuned on the first eager
+    """The config under which the whole decode chain `launch` ran fastest (tuning.py: tuned on the first eager
     call per shape and M bucket, timed from CUDA graphs over weight copies that span L2, kept on disk); None on
     the interpreter or when nothing was tuned before a capture (then Triton's autotuner, timing the main kernel
     alone, picks). space() gives the pruned triton.Configs, each that splits K tried also with ADD (_split_adds); it
@@ -940,9 +939,9 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
 
     def time_us(cfg: dict) -> float:
         if not copies:
-            copies.extend(rotating(lambda: QuantizedWeight(qw.packed.clone(), qw.scales.clone(), qw.mins.clone(),
+            copies.extend(tuning.rotating(lambda: QuantizedWeight(qw.packed.clone(), qw.scales.clone(), qw.mins.clone(),
                                                            qw.bits, qw.group_size, qw.shape), qw.nbytes))
-        return graph_us(lambda q: launch(x2, q, bias, cfg), copies)
+        return tuning.graph_us(lambda q: launch(x2, q, bias, cfg), copies)
 
     def configs():  # a generator: the space is pruned only if best_config iterates it
         for c in space():
@@ -951,7 +950,7 @@ def _chain_config(kind: str, launch, x2: torch.Tensor, qw: QuantizedWeight, bias
             if cfg["SPLIT_K"] > 1 and sums == "adds":  # the same tile adding its partials into y (_split_adds)
                 yield dict(cfg, ADD=True)
 
-    return chain_tune.best_config(key, configs(), time_us)
+    return tuning.best_config(key, configs(), time_us)
 
 
 def _launch_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias, config: dict | None) -> torch.Tensor:
@@ -1026,7 +1025,7 @@ _CHAIN_TUNED: set[tuple] = set()  # (kernel, *_decode_key) whose chain has run e
 def _chain_now(kind: str, x2: torch.Tensor, qw: QuantizedWeight, bias) -> bool:
     """The multi-launch decode chains (x rearranged, then the GEMV or the MMA kernel, then maybe a split-K
     reduction) serve under CUDA graph capture, and once per shape and M bucket eagerly: that first call tunes
-    them (chain_tune: the whole chain timed per config, kept on disk), as the warm-up before a capture must
+    them (tuning.py: the whole chain timed per config, kept on disk), as the warm-up before a capture must
     (timing cannot run inside one). Other eager calls take the one-launch matmul: on the H100 host the chain's
     extra launches cost more host time than its GPU time saves (M = 16, 14336x4096: 302 us a call eagerly against
     140 for the matmul kernel; 25 us of GPU time from a graph against 33)."""

@@ -368,9 +368,9 @@ def test_gpu_first_eager_call_tunes_the_whole_chain_and_the_capture_uses_it(m, k
     """The first eager call of a shape times every config's whole chain from CUDA graphs and stores the fastest;
     the capture then launches that config (a capture cannot time anything)."""
     dl = importlib.import_module("ttha.kernels.dequant_linear")
-    chain_tune = importlib.import_module("ttha.kernels.chain_tune")
+    tuning = importlib.import_module("ttha.kernels.tuning")
     monkeypatch.setenv("TTHA_CHAIN_CACHE", str(tmp_path / "chain.json"))
-    monkeypatch.setattr(chain_tune, "_MEMO", {})
+    monkeypatch.setattr(tuning, "_MEMO", {})
     monkeypatch.setattr(dl, "_CHAIN_TUNED", set())
     x, qw, b, ref = _case(m, 2048, 1024, 4, 128, seed=11)
     assert _rel(dequant_linear(x, qw, b), ref) < 1e-2

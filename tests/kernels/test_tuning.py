@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from ttha.kernels import chain_tune
+from ttha.kernels import tuning
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "chain.json"
     monkeypatch.setenv("TTHA_CHAIN_CACHE", str(path))
-    monkeypatch.setattr(chain_tune, "_MEMO", {})
+    monkeypatch.setattr(tuning, "_MEMO", {})
     return path
 
 
@@ -27,20 +27,20 @@ def test_picks_the_fastest_chain_and_keeps_it_on_disk(cache):
         timed.append(cfg["BN"])
         return TIMES[cfg["BN"]]
 
-    assert chain_tune.best_config("H100|gemv|28672|8192|4", CONFIGS, time_us) == CONFIGS[1]
+    assert tuning.best_config("H100|gemv|28672|8192|4", CONFIGS, time_us) == CONFIGS[1]
     assert timed == [64, 128, 32]  # every config timed once
     assert json.loads(cache.read_text()) == {"H100|gemv|28672|8192|4": CONFIGS[1]}
     # a new process (empty memo) reads the file and times nothing
-    chain_tune._MEMO.clear()
+    tuning._MEMO.clear()
     never = lambda cfg: pytest.fail("timed again")  # noqa: E731
 
     def space():  # the caller's lazily built config space: not built when the key is known
         pytest.fail("config space built for a stored key")
         yield
 
-    assert chain_tune.best_config("H100|gemv|28672|8192|4", space(), never) == CONFIGS[1]
+    assert tuning.best_config("H100|gemv|28672|8192|4", space(), never) == CONFIGS[1]
     # another key is tuned and merged into the same file
-    assert chain_tune.best_config("H100|mma|4096|14336|2", CONFIGS[::2], lambda c: TIMES[c["BN"]]) == CONFIGS[0]
+    assert tuning.best_config("H100|mma|4096|14336|2", CONFIGS[::2], lambda c: TIMES[c["BN"]]) == CONFIGS[0]
     assert set(json.loads(cache.read_text())) == {"H100|gemv|28672|8192|4", "H100|mma|4096|14336|2"}
 
 
@@ -50,12 +50,12 @@ def test_configs_that_fail_are_skipped_and_all_failing_gives_none(cache):
             raise RuntimeError("out of resources: shared memory")
         return TIMES[cfg["BN"]]
 
-    assert chain_tune.best_config("k1", CONFIGS, time_us) == CONFIGS[0]
+    assert tuning.best_config("k1", CONFIGS, time_us) == CONFIGS[0]
 
     def broken(cfg):
         raise RuntimeError("no kernel image")
 
-    assert chain_tune.best_config("k2", CONFIGS, broken) is None
+    assert tuning.best_config("k2", CONFIGS, broken) is None
     assert "k2" not in json.loads(cache.read_text())  # nothing recorded for it: the next run tries again
 
 
@@ -63,18 +63,18 @@ def test_nothing_is_timed_inside_a_graph_capture(cache, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     never = lambda cfg: pytest.fail("timed during a capture")  # noqa: E731
-    assert chain_tune.best_config("k3", CONFIGS, never) is None
+    assert tuning.best_config("k3", CONFIGS, never) is None
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps({"k3": CONFIGS[2]}))  # tuned before the capture (another run): used
-    assert chain_tune.best_config("k3", CONFIGS, never) == CONFIGS[2]
+    assert tuning.best_config("k3", CONFIGS, never) == CONFIGS[2]
 
 
 def test_a_corrupt_or_unwritable_cache_does_not_stop_the_call(cache, monkeypatch):
     cache.parent.mkdir(parents=True)
     cache.write_text("{not json")
-    assert chain_tune.best_config("k4", CONFIGS, lambda c: TIMES[c["BN"]]) == CONFIGS[1]
+    assert tuning.best_config("k4", CONFIGS, lambda c: TIMES[c["BN"]]) == CONFIGS[1]
     assert json.loads(cache.read_text()) == {"k4": CONFIGS[1]}  # rewritten whole
-    chain_tune._MEMO.clear()
+    tuning._MEMO.clear()
     monkeypatch.setenv("TTHA_CHAIN_CACHE", "/proc/no/such/dir/chain.json")  # cannot be created
-    assert chain_tune.best_config("k5", CONFIGS, lambda c: TIMES[c["BN"]]) == CONFIGS[1]
-    assert chain_tune._MEMO["k5"] == CONFIGS[1]  # still remembered for this process
+    assert tuning.best_config("k5", CONFIGS, lambda c: TIMES[c["BN"]]) == CONFIGS[1]
+    assert tuning._MEMO["k5"] == CONFIGS[1]  # still remembered for this process

@@ -1,0 +1,143 @@
+"""Tuning and timing helpers: GPU time from CUDA graphs (for the benchmark and the decode-chain tuner), and the tuner.
+
+Timing: a graph of calls over weight copies that span L2, replayed back to back between two CUDA events, so a
+call's GPU time is measured without the host's launch path and without L2 serving the weights.
+
+Tuning: a decode chain (x rearranged, the main kernel, any split-K reduction) is tuned as it is served, the whole
+chain timed per config, the fastest kept in memory and on disk. Triton's autotuner times the main kernel alone,
+and its pick is not the chain's: the x-prep kernel overlaps the main kernel's start under programmatic dependent
+launch, and how much depends on the tile. The cache file is $TTHA_CHAIN_CACHE, else ~/.cache/ttha/chain_configs.json;
+entries are keyed by GPU name, kernel, weight layout (tiles of TILE_ROWS rows), whether split-K partials may be
+added in place (not under torch.use_deterministic_algorithms), shape, bit width, group size, bias, dtype and M bucket.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+from typing import Callable, Iterable
+
+import torch
+
+log = logging.getLogger("ttha.kernels")
+
+L2_ROTATE_BYTES = 256 << 20  # rotate among weight copies so repeated calls do not run from the 50 MB L2
+GRAPH_CALLS = 16  # calls a timed graph holds at least, so its launch is a small share of its time
+
+
+def capture(fn, items: list, repeat: int = 1):
+    """One CUDA graph that calls fn(item) for each item (the L2 rotation), `repeat` times over, after an eager
+    warm-up (autotuning and compiling cannot run inside a capture)."""
+    for it in items:
+        fn(it)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for it in items:
+            fn(it)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for it in items * repeat:
+            fn(it)
+    return graph
+
+
+def replay_us(graph, calls: int, replays: int = 10, repeats: int = 5) -> float:
+    """GPU time per call of a graph of `calls` calls: `replays` replays back to back between two CUDA events,
+    the median of `repeats`. Not do_bench: it zeroes a 256 MB buffer before each timed call, and writing back the
+    dirty L2 lines that leaves costs the call after it, a share that falls with the calls the graph holds and so
+    favours kernels whose rotation holds more copies. Back to back, the rotation over >= 256 MiB of weights is
+    what keeps L2 from serving them, as in a decode loop."""
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * calls))
+    return statistics.median(times)
+
+
+def timing_graph(fn, items: list):
+    """(graph, calls): a graph of fn over the items, repeated to at least GRAPH_CALLS calls."""
+    repeat = -(-GRAPH_CALLS // len(items))
+    return capture(fn, items, repeat), len(items) * repeat
+
+
+def graph_us(fn, items: list) -> float:
+    """GPU time per call without the host's launch overhead: a timing_graph of fn over the items, replayed back
+    to back; what a serving loop that captures its decode step pays. Eager timing of a few-microsecond kernel
+    measures the Python launch path instead."""
+    return replay_us(*timing_graph(fn, items))
+
+
+def rotating(make, nbytes: int) -> list:
+    """Copies of a weight (make() each), enough to span L2_ROTATE_BYTES, 1 to 8."""
+    return [make() for _ in range(max(1, min(8, -(-L2_ROTATE_BYTES // max(nbytes, 1)))))]
+
+
+_MEMO: dict[str, dict] = {}  # chain key -> best config, this process
+
+
+def cache_path() -> str:
+    return os.environ.get("TTHA_CHAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ttha",
+                                                               "chain_configs.json")
+
+
+def _read_disk() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(key: str, config: dict) -> None:
+    """Merge one entry into the cache file (atomic replace; another process's entries are kept)."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        data = _read_disk()
+        data[key] = config
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: tune again next run
+        log.warning("decode-chain config not saved to %s: %s", path, exc)
+
+
+def best_config(key: str, configs: Iterable[dict], time_us: Callable[[dict], float]) -> dict | None:
+    """The config for `key`: remembered, read from the cache file, or else the one of `configs` whose chain
+    time_us(config) timed fastest (configs that fail to compile or launch are skipped; `configs` is iterated only
+    then, so a generator defers building the space). None under CUDA graph capture when `key` was never tuned
+    (timing cannot run inside a capture) or when every config failed."""
+    if key in _MEMO:
+        return _MEMO[key]
+    stored = _read_disk().get(key)
+    if isinstance(stored, dict):
+        _MEMO[key] = stored
+        return stored
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None
+    timed = []
+    for cfg in configs:
+        try:
+            timed.append((time_us(cfg), cfg))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this tile: try the others
+            log.debug("chain config %s failed: %s", cfg, exc)
+    if not timed:
+        return None
+    us, cfg = min(timed, key=lambda t: t[0])
+    log.info("decode chain %s: %s at %.1f us a call (%d configs timed)", key, cfg, us, len(timed))
+    _MEMO[key] = cfg
+    _write_disk(key, cfg)
+    return cfg
