@@ -10,8 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ttha.costs import ESTIMATE_PATH, KernelCostModel
-from ttha.routing import (AdaptiveRouter, ExpertLoadBalancer, HostAdam, TTHAAdapter, limit_host_threads,
-                          topk_route)
+from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, HostAdam, TTHAAdapter, topk_route
 
 ROOT_CONF = ESTIMATE_PATH.parents[2] / "conf"
 COSTS = KernelCostModel.load(ESTIMATE_PATH)  # roofline: the quantized experts are the cheap ones
@@ -331,15 +330,3 @@ def test_adapter_numpy_forward_and_grads_match_autograd():
     assert np.allclose(bias, out.detach().numpy(), rtol=1e-5, atol=1e-6)
     for ours, p in zip(adapter.grads_np(saved, g.numpy()), adapter.parameters()):
         assert ours.shape == tuple(p.shape) and np.allclose(ours, p.grad.numpy(), rtol=1e-4, atol=1e-6)
-
-
-def test_gpu_runs_do_host_math_on_one_thread_cpu_runs_keep_the_pool():
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        limit_host_threads(torch.device("cpu"))
-        assert torch.get_num_threads() == 2  # the model runs on the CPU: its threads stay
-        limit_host_threads(torch.device("cuda", 0))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -1,6 +1,5 @@
 """Stressors: schedules, sim power, and the child process lifecycle (CPU stand-in child): gone after
 stop, after an exception inside the `with`, and after the parent is SIGKILLed."""
-import os
 import signal
 import subprocess
 import sys
@@ -162,8 +161,8 @@ def test_child_dies_when_parent_is_sigkilled():
 SIGTERM_PARENT = textwrap.dedent("""
     import time, torch
     from omegaconf import OmegaConf
-    from ttha import stress
-    assert stress.install_signal_handlers()
+    from ttha import runtime, stress
+    assert runtime.install_signal_handlers()
     try:
         with stress.build_stressor(OmegaConf.create({"kind": "bursty", "size": 16}), torch.device("cpu"), None,
                                    backend="cpu") as s:
@@ -187,20 +186,6 @@ def test_sigterm_becomes_keyboard_interrupt_and_stops_child():
     finally:
         parent.kill()
         parent.wait()
-
-
-def test_install_signal_handlers_keeps_a_user_handler():
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, lambda *a: None)
-        assert stress.install_signal_handlers() is False
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        assert stress.install_signal_handlers() is True
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1.0)
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def test_measure_reports_the_power_a_scenario_adds_under_sim():

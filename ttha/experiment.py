@@ -10,7 +10,6 @@ import contextlib
 import csv
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -21,39 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ttha import config as config_mod
-from ttha import costs, data, model as model_mod, plots, pretrain, routing, stress, telemetry, tracking, ttt
+from ttha import costs, data, model as model_mod, plots, pretrain, routing, runtime, stress, telemetry, tracking, ttt
 from ttha.paths import launch_dir, output_dir
 
 log = logging.getLogger(__name__)
 
 TTT_CODE = {"skip": 0, "light": 1, "full": 2}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise config_mod.ConfigError("device", name, "CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def set_kernel_backend(choice: str) -> str:
-    """The one switch between Triton kernels and torch references."""
-    try:
-        from ttha import kernels
-
-        kernels.set_backend(choice)
-        return choice
-    except (ImportError, AttributeError):
-        if choice == "triton":
-            raise config_mod.ConfigError("kernels", choice, "ttha.kernels is not importable here")
-        return "torch"
 
 
 class Pacer:
@@ -283,11 +255,11 @@ def run(cfg: DictConfig) -> list[float]:
     """Run one experiment; return the summary metrics named by cfg.objectives."""
     config_mod.validate(cfg)
     here, out = launch_dir(), output_dir()
-    device = resolve_device(cfg.device)
-    routing.limit_host_threads(device)
-    backend = set_kernel_backend(cfg.kernels)
-    seed_everything(int(cfg.seed))
-    stress.install_signal_handlers()
+    device = runtime.resolve_device(cfg.device)
+    runtime.limit_host_threads(device)
+    backend = runtime.set_kernel_backend(cfg.kernels)
+    runtime.seed_everything(int(cfg.seed))
+    runtime.install_signal_handlers()
     monitor = telemetry.build_monitor(cfg.telemetry, device)  # telemetry=nvml without a GPU fails here
     cost_model = costs.KernelCostModel.load(cfg.get("cost_model"))
     corpus = pretrain.load_corpus(cfg)

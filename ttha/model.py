@@ -13,18 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttha import kernels
 from ttha.kernels import quant
 
 Router = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    try:
-        from ttha import kernels
-    except ImportError:
-        return False
-    return bool(getattr(kernels, "use_triton", lambda _: False)(x))
 
 
 def softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +76,7 @@ class QuantizedExpert(nn.Module):
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         qw = self.qweight(name)
-        if _use_triton(x):
-            from ttha import kernels
-
+        if kernels.use_triton(x):
             return kernels.dequant_linear(x, qw)
         if x.device.type == "cpu":  # a CPU stands in for the GPU: keep the dequantized weight (same values)
             return F.linear(x, _cpu_cached(self, name, x.dtype, lambda: quant.dequantize(qw, x.dtype)))

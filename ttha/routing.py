@@ -15,11 +15,11 @@ The TTHA loss (update_ttha) carries gradient only through the routing probabilit
 soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality.
 
 Cost: the adapter, its optimizer and the loss live on the CPU. They are a few hundred parameters and
-[E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs (measured
-on an H100: 3 ms per update on the GPU). stage() takes the gate softmax of a strided subsample of the step's
-recorded logits (at most router.loss_tokens rows) where the logits are and copies it to the host once;
-update_ttha works from it in closed form, in numpy (torch's per-op overhead on tensors this small was most of
-the cost); the bias goes back to the routing device once a step.
+[E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs.
+stage() takes the gate softmax of a strided subsample of the step's recorded logits (at most
+router.loss_tokens rows) where the logits are and copies it to the host once; update_ttha works from it in
+closed form, in numpy (torch's per-op overhead on tensors this small outweighs the arithmetic); the bias goes
+back to the routing device once a step.
 """
 from __future__ import annotations
 
@@ -29,25 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ttha import kernels
+from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import softmax_topk
-
-try:  # the Triton top-k kernel lands from the kernels helper; the torch path is always there
-    from ttha import kernels as _kernels
-
-    _HAS_TOPK_KERNEL = hasattr(_kernels, "topk_router") and hasattr(_kernels, "use_triton")
-except ImportError:  # pragma: no cover
-    _kernels, _HAS_TOPK_KERNEL = None, False
 
 COST_FEATURES = ("latency", "energy", "throughput")  # per expert, each normalised to [0, 1]
 HW_FEATURES = ("power/target", "temp/target", "util", "latency/target",
                "power_over", "temp_over", "latency_over")
 RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
-
-
-def _cfg(node, key: str, default):
-    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
-    return default if value is None else value
 
 
 def _reading(value) -> float:
@@ -61,7 +51,7 @@ def _reading(value) -> float:
 
 class HostAdam:
     """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay) in numpy, on views of CPU
-    parameters: for the adapter's few hundred parameters torch's optimizer step cost 0.1-0.2 ms of Python,
+    parameters: for the adapter's few hundred parameters torch's optimizer step is mostly Python overhead,
     more than the update's math (tests check it step for step against torch.optim.Adam)."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -80,15 +70,6 @@ class HostAdam:
             v *= self.beta2
             v += (1 - self.beta2) * g * g
             p -= step_size * m / (np.sqrt(v) / bias_correction2_sqrt + self.eps)
-
-
-def limit_host_threads(device: torch.device) -> None:
-    """On a GPU run the host's torch work is the router's per-step math on tensors of a few thousand
-    elements: one thread. A pool of one per core only adds wake-ups, and stalls when another process takes
-    cores: on the H100 host with the matmul stressor running, update_ttha took ~18 ms a step with 16
-    threads. CPU runs keep torch's default (the model itself runs there)."""
-    if device.type == "cuda":
-        torch.set_num_threads(1)
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +98,7 @@ class TTHAAdapter(nn.Module):
 
     def numpy_params(self) -> list[np.ndarray]:
         """Views of the (CPU) parameters in parameters() order, made once: parameters() walks the module
-        tree on every call (tens of microseconds). In-place updates through them change the module."""
+        tree on every call. In-place updates through them change the module."""
         if self._np_cache is None:
             self._np_cache = [p.detach().numpy() for p in self.parameters()]
         return self._np_cache
@@ -152,7 +133,7 @@ class TTHAAdapter(nn.Module):
 class ExpertLoadBalancer:
     """EMA of the per-expert share of routed tokens. balance_score = normalised entropy of the EMA:
     1 for uniform load, 0 when one expert takes everything. numpy: a few values a step, where torch's
-    per-op overhead was most of the router's per-step host time."""
+    per-op overhead would outweigh the arithmetic."""
 
     def __init__(self, n_experts: int, alpha: float = 0.1):
         if not 0.0 < alpha <= 1.0:
@@ -197,30 +178,30 @@ class AdaptiveRouter:
         self.n_experts, self.top_k, self.bits = int(n_experts), int(top_k), bits
         self.cost_model = cost_model
         self.device = torch.device(device if device is not None else "cpu")
-        self.name = str(_cfg(router_cfg, "name", "static"))
+        self.name = str(option(router_cfg, "name", "static"))
         self.adaptive = self.name == "ttha"
-        self.cost_bias_scale = float(_cfg(router_cfg, "cost_bias_scale", 0.0))
-        self.max_bias = float(_cfg(router_cfg, "max_bias", 6.0))
-        self.loss_tokens = int(_cfg(router_cfg, "loss_tokens", 2048))
+        self.cost_bias_scale = float(option(router_cfg, "cost_bias_scale", 0.0))
+        self.max_bias = float(option(router_cfg, "max_bias", 6.0))
+        self.loss_tokens = int(option(router_cfg, "loss_tokens", 2048))
         if self.loss_tokens < 1:
             raise ValueError(f"router.loss_tokens={self.loss_tokens!r}: must be >= 1")
-        self.obj = {k: float(_cfg(objective_cfg, k, d)) for k, d in (
+        self.obj = {k: float(option(objective_cfg, k, d)) for k, d in (
             ("task_weight", 1.0), ("power_weight", 1.0), ("thermal_weight", 1.0), ("latency_weight", 0.5),
             ("throughput_weight", 0.1), ("thermal_threshold_c", 75.0), ("thermal_boost", 2.0))}
-        self.dynamic_thermal = bool(_cfg(objective_cfg, "dynamic_thermal", True))
-        self.targets = {k: float(_cfg(targets_cfg, k, 0.0)) for k in ("power_w", "temp_c", "latency_ms")}
+        self.dynamic_thermal = bool(option(objective_cfg, "dynamic_thermal", True))
+        self.targets = {k: float(option(targets_cfg, k, 0.0)) for k in ("power_w", "temp_c", "latency_ms")}
         for k, v in self.targets.items():
             if v <= 0:
                 raise ValueError(f"targets.{k}={v!r}: must be > 0")
-        self.balancer = ExpertLoadBalancer(self.n_experts, float(_cfg(router_cfg, "balancer_alpha", 0.1)))
+        self.balancer = ExpertLoadBalancer(self.n_experts, float(option(router_cfg, "balancer_alpha", 0.1)))
 
         self._cost_batch = None  # per-expert tokens the cost features were computed for
         self.cost_features = self._expert_cost_features(64.0)
         self.adapter = self.optimizer = None
         if self.adaptive:
             self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
-                                       int(_cfg(router_cfg, "adapter_hidden", 32)))
-            self.optimizer = HostAdam(self.adapter.parameters(), float(_cfg(router_cfg, "lr", 0.05)))
+                                       int(option(router_cfg, "adapter_hidden", 32)))
+            self.optimizer = HostAdam(self.adapter.parameters(), float(option(router_cfg, "lr", 0.05)))
             self._adapter_params = list(self.adapter.parameters())
         self._bias: torch.Tensor | None = None
         self._zero_bias: torch.Tensor | None = None
@@ -301,7 +282,7 @@ class AdaptiveRouter:
             return
         bias = torch.from_numpy(self._bias_np(sample, latency_ms)[0])
         # from pinned memory, queued: a synchronous copy waits for the GPU, which another process (the
-        # stressor) may hold for a time slice (measured on the H100: 5 % of a step, +-4 %)
+        # stressor) may hold for a time slice
         self._bias = bias.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else bias
 
     def __call__(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,12 +292,12 @@ class AdaptiveRouter:
         if bias is not None and bias.device != logits.device:
             bias = self._bias = bias.to(logits.device)
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
-        if _HAS_TOPK_KERNEL and not needs_grad and _kernels.use_triton(logits):
+        if not needs_grad and kernels.use_triton(logits):
             if bias is None:  # the static router on the kernel path: a cached zero bias
                 if self._zero_bias is None or self._zero_bias.device != logits.device:
                     self._zero_bias = torch.zeros(self.n_experts, device=logits.device)
                 bias = self._zero_bias
-            weights, indices = _kernels.topk_router(logits.float(), bias, self.top_k)
+            weights, indices = kernels.topk_router(logits.float(), bias, self.top_k)
         else:
             weights, indices = topk_route(logits.float(), bias, self.top_k)
         # One record per layer per step: the serving (prequential) forward; a TTT forward of the same

@@ -9,7 +9,7 @@ thread that adds simulated power (monitor.set_external_power); `cpu` is a tiny n
 child so the process lifecycle is testable without a GPU.
 
 The child never outlives the run: the parent stops it on stop()/__exit__/atexit (SIGTERM, then
-SIGKILL), install_signal_handlers() turns SIGTERM into KeyboardInterrupt so the run's cleanup
+SIGKILL), ttha.runtime.install_signal_handlers() turns SIGTERM into KeyboardInterrupt so the run's cleanup
 runs, and the child dies by itself when the parent dies, even by SIGKILL (PR_SET_PDEATHSIG, plus a
 watchdog on os.getppid()). PDEATHSIG follows the parent *thread*: start stressors from the main thread.
 """
@@ -240,7 +240,7 @@ class SimStressor(Stressor):
             self.monitor.set_external_power(0.0)
 
 
-# ----------------------------------------------------------------------------- building and signals
+# ----------------------------------------------------------------------------- building
 
 def _num(cfg: Any, key: str, default: float, low: float, high: float | None = None,
          strict_low: bool = False) -> float:
@@ -297,25 +297,6 @@ def build_stressor(cfg: Any, device, monitor, backend: str | None = None) -> Str
             raise ConfigError("stress.backend", "cuda", f"the run's device is {device}")
         return ProcessStressor(schedule, "cuda", str(device), size, dtype)
     return ProcessStressor(schedule, "cpu", "cpu", min(size, 64), dtype)
-
-
-def _sigterm_to_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
-
-
-def install_signal_handlers() -> bool:
-    """Make SIGTERM raise KeyboardInterrupt in the main thread, so `with`/finally cleanup runs (the
-    stressor stops, the MLflow run is marked KILLED). Only when SIGTERM has its default handler and
-    we are in the main thread; returns whether the handler is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _sigterm_to_interrupt:
-        return True
-    if current not in (signal.SIG_DFL, None):
-        return False
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    return True
 
 
 # ----------------------------------------------------------------------------- measuring a scenario

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttha.config import option
 from ttha.costs import KernelCostModel
 
 MODES = ("full", "light", "skip")
@@ -30,18 +31,13 @@ POLICIES = ("always", "never", "budget")
 GATE_NAMES = ("gate", "router")  # module names of MoE gates (MoELM's MoEFFN.gate)
 
 
-def _cfg(node, key: str, default=None):
-    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
-    return default if value is None else value
-
-
 class TTTPolicy:
     def __init__(self, ttt_cfg, cost_model: KernelCostModel, targets):
-        self.policy = str(_cfg(ttt_cfg, "policy", "budget"))
+        self.policy = str(option(ttt_cfg, "policy", "budget"))
         if self.policy not in POLICIES:
             raise ValueError(f"ttt.policy={self.policy!r}: must be one of {', '.join(POLICIES)}")
         self.cost_model = cost_model
-        self.targets = {k: float(_cfg(targets, k, 0.0)) for k in ("power_w", "temp_c", "latency_ms")}
+        self.targets = {k: float(option(targets, k, 0.0)) for k in ("power_w", "temp_c", "latency_ms")}
         for k, v in self.targets.items():
             if v <= 0:
                 raise ValueError(f"targets.{k}={v!r}: must be > 0")
@@ -109,7 +105,7 @@ class TestTimeTrainer:
 
     def __init__(self, model: nn.Module, ttt_cfg):
         self.model = model
-        self.lr = {"full": float(_cfg(ttt_cfg, "full_lr", 1e-4)), "light": float(_cfg(ttt_cfg, "light_lr", 1e-3))}
+        self.lr = {"full": float(option(ttt_cfg, "full_lr", 1e-4)), "light": float(option(ttt_cfg, "light_lr", 1e-3))}
         for mode, lr in self.lr.items():
             if lr < 0:
                 raise ValueError(f"ttt.{mode}_lr={lr!r}: must be >= 0")
