@@ -39,12 +39,6 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
     return not alive(pid)
 
 
-def sim_monitor(time_scale=20.0):
-    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "telemetry" / "sim.yaml"),
-                          OmegaConf.create({"sample_hz": 100.0, "sim": {"time_scale": time_scale}}))
-    return tm.build_monitor(cfg, None)
-
-
 # ----------------------------------------------------------------------------- schedules
 
 def test_schedules():
@@ -66,34 +60,7 @@ def test_bad_stress_config(over, key):
         stress.build_stressor(stress_cfg("matmul", **over), torch.device("cpu"), None)
 
 
-# ----------------------------------------------------------------------------- under sim telemetry
-
-def test_stress_adds_sim_power():
-    with sim_monitor() as mon:
-        mon.report_work(0.2)
-        time.sleep(0.15)
-        base = mon.latest().power_w
-        with stress.build_stressor(stress_cfg("matmul", duty_cycle=0.8), torch.device("cpu"), mon) as s:
-            assert s.backend == "sim" and s.pid is None
-            s.start()
-            time.sleep(0.2)
-            stressed = mon.latest().power_w
-        time.sleep(0.2)  # stopped on exit of the with: the external power goes away
-        after = mon.latest().power_w
-    assert stressed - base == pytest.approx(0.8 * 250.0, abs=6.0)
-    assert after == pytest.approx(base, abs=6.0)
-
-
-def test_thermal_ramp_rises_in_sim_time():
-    with sim_monitor(time_scale=50.0) as mon:
-        s = stress.build_stressor(stress_cfg("thermal_ramp", ramp_s=20.0), torch.device("cpu"), mon).start()
-        readings = []
-        for _ in range(5):
-            time.sleep(0.1)  # 5 simulated seconds
-            readings.append(mon.latest().power_w)
-        s.stop()
-    assert readings == sorted(readings) and readings[-1] - readings[0] > 150.0
-
+# ----------------------------------------------------------------------------- no stress
 
 def test_none_and_auto_without_simulator():
     s = stress.build_stressor(OmegaConf.create({"kind": "none"}), torch.device("cpu"), None)

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ttha import config as config_mod
-from ttha import costs, data, model as model_mod, plots, pretrain, routing, runtime, stress, telemetry, tracking, ttt
+from ttha import (costs, data, model as model_mod, plots, pretrain, routing, runtime, sim, stress, telemetry, tracking,
+                  ttt)
 from ttha.paths import launch_dir, output_dir
 
 log = logging.getLogger(__name__)
@@ -47,48 +48,6 @@ class Pacer:
         if ahead > 0:
             time.sleep(ahead)
         return arrival
-
-
-class SimWork:
-    """What the run tells the simulated GPU: its power as a fraction of the idle..cap range.
-
-    The CPU stands in for the GPU's time, the cost model for what the GPU would run in it:
-    - serving busy time = the measured serving time (or a fixed sim.serve_s, for a simulation that does
-      not depend on a busy CPU's timing) x (latency of the routed expert mix / latency of 16-bit experts,
-      from the cost model). On a CPU a quantized expert computes with its dequantized
-      weights, so the measured time does not depend on the mix and the cost model alone tells them apart;
-    - TTT busy time = the measured TTT time;
-    - power while busy = sim.busy_w (16-bit expert GEMVs on the H100 trace draw ~540 W) x the mix's
-      energy per second relative to 16-bit experts (memory-bound kernels draw about the same power);
-    - a paced workload leaves the GPU idle for the rest of each arrival interval, a saturated one never.
-    So cheaper experts lower the simulated power when the workload is paced; a saturated loop stays
-    high whatever the mix, as measured on the H100."""
-
-    def __init__(self, cost_model, bits: list[int], top_k: int, tokens: int, sim_cfg):
-        per_expert = max(1, tokens * top_k // len(bits))  # typical tokens an expert sees per call
-        ref = cost_model.get_cost(costs.expert_op(16), per_expert)
-        mix = [cost_model.get_cost(costs.expert_op(b), per_expert) for b in bits]
-        self.latency_rel = np.array([c.latency_ms / ref.latency_ms for c in mix])
-        known = ref.energy_j is not None and all(c.energy_j is not None for c in mix)
-        self.energy_rel = (np.array([c.energy_j / ref.energy_j for c in mix]) if known
-                           else self.latency_rel.copy())  # no energy measured: same power as 16-bit
-        g = lambda key, default: float(sim_cfg.get(key, default))  # noqa: E731
-        idle, cap = g("idle_w", 78.0), g("cap_w", 700.0)
-        self.busy_rel = (g("busy_w", 550.0) - idle) / (cap - idle)
-        fixed = sim_cfg.get("serve_s")
-        self.fixed_serve_s = None if fixed is None else float(fixed)
-
-    @property
-    def n_experts(self) -> int:
-        return len(self.latency_rel)
-
-    def relative_power(self, usage: np.ndarray, serve_s: float, ttt_s: float, interval_s: float) -> float:
-        """Mean relative power over one batch: busy serving + busy TTT, idle for the rest of the interval."""
-        time_rel = max(float(usage @ self.latency_rel), 1e-9)
-        serve_busy = (serve_s if self.fixed_serve_s is None else self.fixed_serve_s) * time_rel
-        busy = serve_busy + ttt_s
-        intensity = float(usage @ self.energy_rel) / time_rel
-        return self.busy_rel * (serve_busy * intensity + ttt_s) / max(busy, interval_s, 1e-9)
 
 
 def _usage_array(router, n_experts: int) -> np.ndarray:
@@ -291,7 +250,7 @@ def run(cfg: DictConfig) -> list[float]:
         policy = ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets)
         trainer = ttt.TestTimeTrainer(model, cfg.ttt)
         tokens = int(cfg.test.batch_size) * int(cfg.test.seq_len)
-        sim_work = SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {})
+        sim_work = sim.SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {})
 
         rows, summary = serve(cfg, model, corpus, router, policy, trainer, monitor, stressor, sim_work,
                               tracker, device)

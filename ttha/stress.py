@@ -4,9 +4,9 @@ Kinds: none, matmul (the seeds' size x size fp16 matmul loop at a duty cycle), b
 thermal_ramp (duty rising 0 -> 1 over ramp_s). A `Schedule` gives the load level at each time; the
 matmul loop realises it as on/off within period_s.
 
-Backends: on a CUDA device a managed child process (spawn) on the same GPU; under sim telemetry a
-thread that adds simulated power (monitor.set_external_power); `cpu` is a tiny numpy stand-in
-child so the process lifecycle is testable without a GPU.
+Backends: on a CUDA device a managed child process (spawn) on the same GPU; under sim telemetry
+sim.SimStressor, a thread that adds simulated power (monitor.set_external_power); `cpu` is a tiny numpy
+stand-in child so the process lifecycle is testable without a GPU.
 
 The child never outlives the run: the parent stops it on stop()/__exit__/atexit (SIGTERM, then
 SIGKILL), ttha.runtime.install_signal_handlers() turns SIGTERM into KeyboardInterrupt so the run's cleanup
@@ -15,7 +15,6 @@ watchdog on os.getppid()). PDEATHSIG follows the parent *thread*: start stressor
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ttha.config import ConfigError
+from ttha.gpu import LIVE, Stressor
+from ttha.sim import SimStressor
 
 log = logging.getLogger(__name__)
 
@@ -117,40 +118,6 @@ def _child_main(schedule: Schedule, backend: str, device: str, size: int, dtype:
 
 # ----------------------------------------------------------------------------- stressors
 
-_LIVE: set["Stressor"] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for s in list(_LIVE):
-        s.stop()
-
-
-class Stressor:
-    """Base: the `none` stressor. A context manager that stops (never starts) the stress on exit:
-    the run starts it after warm-up with start()."""
-
-    kind = "none"
-    backend = "none"
-    pid: int | None = None
-
-    def start(self) -> "Stressor":
-        return self
-
-    def stop(self) -> None:
-        pass
-
-    @property
-    def running(self) -> bool:
-        return False
-
-    def __enter__(self) -> "Stressor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 class ProcessStressor(Stressor):
     """A matmul loop in a spawned child process on `device` (cuda:N, or cpu for the stand-in)."""
 
@@ -177,13 +144,13 @@ class ProcessStressor(Stressor):
                                  args=(self.schedule, self.backend, self.device, self.size, self.dtype,
                                        os.getpid()))
         self._proc.start()
-        _LIVE.add(self)
+        LIVE.add(self)
         log.info("stressor %s started on %s (pid %d)", self.kind, self.device, self._proc.pid)
         return self
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        _LIVE.discard(self)
+        LIVE.discard(self)
         if proc is None:
             return
         if proc.is_alive():
@@ -195,49 +162,6 @@ class ProcessStressor(Stressor):
         if proc.exitcode not in (0, -signal.SIGTERM, -signal.SIGKILL):
             log.warning("stressor %s exited with code %s before it was stopped", self.kind, proc.exitcode)
         log.info("stressor %s stopped", self.kind)
-
-
-class SimStressor(Stressor):
-    """Under sim telemetry: a thread adding sim_power_w x level(t) of simulated power (sim seconds)."""
-
-    backend = "sim"
-
-    def __init__(self, schedule: Schedule, sim_power_w: float, monitor, rate_hz: float = 20.0):
-        self.schedule, self.sim_power_w, self.monitor = schedule, sim_power_w, monitor
-        self.kind = schedule.kind
-        self.rate_hz = rate_hz
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self, t0: float) -> None:
-        while True:
-            self.monitor.set_external_power(self.sim_power_w * self.schedule.level(self.monitor.clock() - t0))
-            if self._stop.wait(1.0 / self.rate_hz):
-                break
-        self.monitor.set_external_power(0.0)
-
-    def start(self) -> "SimStressor":
-        if self.running:
-            return self
-        self._stop.clear()
-        self.monitor.set_external_power(self.sim_power_w * self.schedule.level(0.0))
-        self._thread = threading.Thread(target=self._loop, args=(self.monitor.clock(),),
-                                        name=f"ttha-sim-stress-{self.kind}", daemon=True)
-        self._thread.start()
-        _LIVE.add(self)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        _LIVE.discard(self)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-            self.monitor.set_external_power(0.0)
 
 
 # ----------------------------------------------------------------------------- building
@@ -306,7 +230,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"  # the scenarios' and the si
 
 def _cool_down(monitor, idle_w: float, max_s: float) -> None:
     """Wait (up to max_s) until power is back within 15 % of the first idle reading: the last scenario's
-    heat would otherwise count as idle for the next (seen on the H100 with 3 s between scenarios)."""
+    heat would otherwise count as idle for the next."""
     deadline = time.monotonic() + max_s
     while time.monotonic() < deadline and monitor.latest().power_w > 1.15 * idle_w:
         time.sleep(0.2)

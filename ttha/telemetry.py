@@ -5,190 +5,30 @@ thread stored (an attribute read, no lock, no NVML call). A failed read keeps th
 and counts the error; the run never crashes on telemetry.
 
 - nvml: nvidia-ml-py. Power/temperature/utilisation/SM clock/throttle reasons every sample; the
-  energy counter (~3.9 ms a read) every `energy_every`-th sample, integrated power in between.
-- sim: a simulated H100 (`SimGpu`): power follows the work the run reports plus simulated
+  energy counter (a slow read) every `energy_every`-th sample, integrated power in between.
+- sim: the simulated H100 of sim.py (`SimGpu`): power follows the work the run reports plus simulated
   stress, temperature follows a two-node thermal model fitted on the measured H100 trace.
 - replay: a recorded trace (the probe trace's format), looped, at `replay_speed`.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ttha.config import ConfigError
+from ttha.gpu import NAN_SAMPLE, TelemetrySample
+from ttha.sim import CAP_W, DEFAULT_TRACE, IDLE_W, SimGpu, load_trace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACE = Path(__file__).parent / "resources" / "h100_probe_trace_10hz.json"
-# NVML throttle-reason bits the simulator sets (same values as pynvml's constants).
-THROTTLE_SW_POWER_CAP = 0x4
-THROTTLE_SW_THERMAL = 0x20
-
-
-@dataclass(frozen=True)
-class TelemetrySample:
-    t: float             # seconds since the monitor started, on the source's clock (sim: simulated s)
-    power_w: float
-    temp_c: float
-    util_pct: float
-    sm_clock_mhz: float
-    energy_j: float      # since the monitor started
-    throttle_reasons: int = 0
-
-
-NAN_SAMPLE = TelemetrySample(0.0, math.nan, math.nan, math.nan, math.nan, 0.0, 0)
-
-
-# ----------------------------------------------------------------------------- traces and the thermal model
-
-def load_trace(path: str | Path | None = None) -> dict[str, np.ndarray]:
-    """A probe trace (list of {t, phase, p, T, e, u, clk}) as column arrays; None = the shipped one."""
-    path = Path(path) if path is not None else DEFAULT_TRACE
-    rows = json.loads(path.read_text())
-    if not rows or not all(k in rows[0] for k in ("t", "p", "T", "e", "u", "clk")):
-        raise ValueError(f"trace {path}: expected a list of records with t, p, T, e, u, clk")
-    cols = {k: np.array([r[k] for r in rows], dtype=float) for k in ("t", "p", "T", "e", "u", "clk")}
-    cols["t"] = cols["t"] - cols["t"][0]
-    cols["phase"] = np.array([r.get("phase", "") for r in rows])
-    return cols
-
-
-class ThermalModel:
-    """Two-node (Foster) RC model: T = ambient + sum_i r_i * (x_i - idle), x_i = power low-passed
-    with time constant tau_i. A fast node (die, sub-second) and a slow one (package/heatsink)."""
-
-    def __init__(self, ambient_c: float, idle_w: float, r_fast: float, tau_fast: float,
-                 r_slow: float, tau_slow: float):
-        self.ambient_c, self.idle_w = ambient_c, idle_w
-        self.r = np.array([r_fast, r_slow])
-        self.tau = np.array([tau_fast, tau_slow])
-        self.x = np.full(2, float(idle_w))  # starts at steady idle
-
-    def step(self, power_w: float, dt: float) -> float:
-        """Advance dt seconds with constant power (exact for any dt); return the temperature."""
-        a = np.exp(-dt / self.tau)
-        self.x = a * self.x + (1.0 - a) * power_w
-        return self.temp_c
-
-    @property
-    def temp_c(self) -> float:
-        return float(self.ambient_c + self.r @ (self.x - self.idle_w))
-
-
-def true_power(trace: dict[str, np.ndarray], lead_s: float) -> np.ndarray:
-    """NVML reports a ~1 s running average (the trace's power ramps over ~1 s while temperature
-    moves within 0.1 s), so the power the die sees is approximated by the reading lead_s later."""
-    return np.interp(trace["t"] + lead_s, trace["t"], trace["p"])
-
-
-def simulate_temperature(trace: dict[str, np.ndarray], params: dict[str, float]) -> np.ndarray:
-    """Replay a trace's power through the thermal model; the temperature at each sample."""
-    p = true_power(trace, params["lead_s"])
-    model = ThermalModel(params["ambient_c"], params["idle_w"], params["r_fast"], params["tau_fast"],
-                         params["r_slow"], params["tau_slow"])
-    model.x[:] = p[0]
-    out = np.empty(len(p))
-    out[0] = model.temp_c
-    for i in range(1, len(p)):
-        out[i] = model.step(p[i - 1], trace["t"][i] - trace["t"][i - 1])
-    return out
-
-
-def fit_thermal(trace: dict[str, np.ndarray], idle_w: float = 78.0, lead_s: float = 0.5,
-                taus: np.ndarray | None = None) -> dict[str, float]:
-    """Least-squares fit of the two-node model: grid over (tau_fast, tau_slow); for each pair the
-    model is linear in (ambient, r_fast, r_slow), solved with lstsq; gains constrained >= 0."""
-    taus = np.geomspace(0.05, 200.0, 60) if taus is None else np.asarray(taus, dtype=float)
-    t, T, p = trace["t"], trace["T"], true_power(trace, lead_s)
-    x = np.empty((len(t), len(taus)))
-    x[0] = p[0]
-    for i in range(1, len(t)):  # all the low-passed powers at once, one column per tau
-        a = np.exp(-(t[i] - t[i - 1]) / taus)
-        x[i] = a * x[i - 1] + (1 - a) * p[i - 1]
-    best = None
-    for i, j in itertools.combinations(range(len(taus)), 2):
-        A = np.stack([np.ones_like(t), x[:, i] - idle_w, x[:, j] - idle_w], 1)
-        c, *_ = np.linalg.lstsq(A, T, rcond=None)
-        if c[1] < 0 or c[2] < 0:
-            continue
-        err = A @ c - T
-        rmse = float(np.sqrt(np.mean(err ** 2)))
-        if best is None or rmse < best["rmse"]:
-            best = dict(ambient_c=float(c[0]), idle_w=idle_w, r_fast=float(c[1]), tau_fast=float(taus[i]),
-                        r_slow=float(c[2]), tau_slow=float(taus[j]), lead_s=lead_s, rmse=rmse,
-                        max_err=float(np.abs(err).max()))
-    return best
-
 
 # ----------------------------------------------------------------------------- sources
-
-class SimGpu:
-    """A simulated H100 on the wall clock x time_scale. Thread-safe enough by design: report_work and
-    set_external_power store one float each; read() (the sampler thread) integrates the model."""
-
-    name = "sim"
-
-    def __init__(self, sim: Any):
-        g = lambda key, default: float(sim.get(key, default))  # noqa: E731
-        self.idle_w, self.cap_w = g("idle_w", 78.0), g("cap_w", 700.0)
-        self.time_scale = g("time_scale", 1.0)
-        self.power_avg_s = g("power_avg_s", 0.5)
-        self.max_clock, self.min_clock = g("max_clock_mhz", 1980.0), g("min_clock_mhz", 1100.0)
-        self.slowdown_c = g("slowdown_c", 87.0)
-        self.busy_rel = g("busy_rel", 0.5)
-        self.thermal = ThermalModel(g("ambient_c", 46.0), self.idle_w, g("r_fast", 0.022), g("tau_fast", 0.14),
-                                    g("r_slow", 0.020), g("tau_slow", 5.5))
-        self.relative_work = 0.0
-        self.external_w = 0.0
-        self.reported_w = self.idle_w
-        self.energy_j = 0.0
-        self.sim_t = 0.0
-        self._t0 = time.monotonic()
-
-    def clock(self) -> float:
-        return (time.monotonic() - self._t0) * self.time_scale
-
-    def demand_w(self) -> float:
-        """What the work + stress would draw without the power cap."""
-        rel = min(max(self.relative_work, 0.0), 1.0)
-        return self.idle_w + (self.cap_w - self.idle_w) * rel + max(self.external_w, 0.0)
-
-    def read(self) -> TelemetrySample:
-        now = self.clock()
-        dt, self.sim_t = max(now - self.sim_t, 0.0), now
-        demand = self.demand_w()
-        power = min(demand, self.cap_w)
-        if dt > 0:
-            temp = self.thermal.step(power, dt)
-            a = math.exp(-dt / self.power_avg_s)  # NVML's running average of the reading
-            self.reported_w = a * self.reported_w + (1 - a) * power
-            self.energy_j += power * dt
-        else:
-            temp = self.thermal.temp_c
-        dyn = demand - self.idle_w
-        util = 100.0 * min(1.0, dyn / ((self.cap_w - self.idle_w) * self.busy_rel)) if dyn > 0 else 0.0
-        # Over the cap the clock drops about in proportion (power ~ clock at fixed voltage).
-        clock = self.max_clock
-        reasons = 0
-        if demand > self.cap_w:
-            clock = max(self.min_clock, self.max_clock * (self.cap_w - self.idle_w) / dyn)
-            reasons |= THROTTLE_SW_POWER_CAP
-        if temp >= self.slowdown_c:
-            reasons |= THROTTLE_SW_THERMAL
-        return TelemetrySample(now, self.reported_w, temp, util, clock, self.energy_j, reasons)
-
-    def close(self) -> None:
-        pass
-
 
 class ReplaySource:
     """Replays a trace at `speed` x real time, looping; energy keeps growing across loops."""
@@ -239,7 +79,7 @@ def _nvml_open(index: int):
 
 class NvmlSource:
     """Real readings through nvidia-ml-py. Energy: the hardware counter every `energy_every`-th
-    read (it costs ~3.9 ms), power integrated in between so energy_j moves every sample."""
+    read (a slow read), power integrated in between so energy_j moves every sample."""
 
     name = "nvml"
 
@@ -391,7 +231,7 @@ def _check_sim(sim: Any) -> None:
     for key in ("r_fast", "r_slow"):
         if key in sim and not float(sim[key]) >= 0:
             raise ConfigError(f"telemetry.sim.{key}", sim[key], "must be >= 0")
-    if float(sim.get("cap_w", 700.0)) <= float(sim.get("idle_w", 78.0)):
+    if float(sim.get("cap_w", CAP_W)) <= float(sim.get("idle_w", IDLE_W)):
         raise ConfigError("telemetry.sim.cap_w", sim.get("cap_w"), "must be above telemetry.sim.idle_w")
 
 
