@@ -22,17 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .tuning import capture, graph_us, replay_us, rotating, timing_graph
+from .tuning import (bench_us, capture, copy_bandwidth, energy_per_call_j, graph_us, kernel_us_per_call,
+                     paced_calls_per_s, replay_us, rotating, timing_graph)
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
 MS = [1, 4, 16, 64, 256, 4096]
 ROUTER = [(t, e, k) for t in (4096, 16384, 65536) for e in (8, 64, 128) for k in (1, 2, 8)]
-
-
-def bench_us(fn, warmup=25, rep=100) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
 
 
 def _graph_or_none(fn, items: list) -> float | None:
@@ -42,15 +37,6 @@ def _graph_or_none(fn, items: list) -> float | None:
     except Exception as exc:
         print(f"no CUDA graph: {str(exc)[:120]}")
         return None
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
-    a = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    us = bench_us(lambda: b.copy_(a))
-    del a, b
-    return 2 * (2 << 30) / (us * 1e-6) / 1e9
 
 
 def cycler(items):
@@ -77,49 +63,6 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torc
     x8 = (x.float() / xs).to(torch.float8_e4m3fn)
     y = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=w_scale, out_dtype=torch.bfloat16)
     return y[:m]
-
-
-def energy_per_call_j(fn, seconds: float = 2.0):
-    """Joules per call from the NVML total-energy counter over a saturated loop of >= `seconds`."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = 0
-    while time.perf_counter() - t0 < 0.2:  # calibrate a batch that takes ~0.2 s
-        fn()
-        n += 1
-    torch.cuda.synchronize()
-    batch = max(1, n)
-    e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-    t0, calls = time.perf_counter(), 0
-    while True:
-        for _ in range(batch):
-            fn()
-        calls += batch
-        torch.cuda.synchronize()
-        if time.perf_counter() - t0 >= seconds:
-            break
-    dt = time.perf_counter() - t0
-    e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-    return (e1 - e0) * 1e-3 / calls, (e1 - e0) * 1e-3 / dt
-
-
-def paced_calls_per_s(fn, seconds: float = 1.0) -> float:
-    """Single calls, each waited for (a serving loop): calls completed per second."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        torch.cuda.synchronize()
-        n += 1
-    return n / (time.perf_counter() - t0)
 
 
 def _gemlite_layer(w: torch.Tensor, bits: int, group: int):
@@ -228,19 +171,6 @@ def run_linear(rows: list, copy_gbs: float, quick: bool, energy: bool, ms: list[
                                      table="energy"))
         del ws, qs, w8s, wb, gems
         torch.cuda.empty_cache()
-
-
-def kernel_us_per_call(graph, calls: int, replays: int = 20) -> dict[str, float]:
-    """GPU time of each kernel in a CUDA graph of `calls` calls, per call (torch.profiler over `replays` replays).
-    Under programmatic dependent launch a kernel starts before the one it waits on ends, so times may overlap."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    return {e.key: e.device_time_total / (replays * calls) for e in prof.key_averages()
-            if e.device_type.name == "CUDA" and e.count}
 
 
 def run_profile(rows: list, quick: bool, ms: list[int] | None = None,

@@ -1,7 +1,8 @@
-"""Tuning and timing helpers: GPU time from CUDA graphs (for the benchmark and the decode-chain tuner), and the tuner.
+"""Tuning and timing helpers: the measurements of the benchmark (bench.py) and the decode-chain tuner.
 
 Timing: a graph of calls over weight copies that span L2, replayed back to back between two CUDA events, so a
-call's GPU time is measured without the host's launch path and without L2 serving the weights.
+call's GPU time is measured without the host's launch path and without L2 serving the weights. Beside it: eager
+time (do_bench), copy bandwidth, energy per call (NVML), paced call rates and each kernel's time in a graph.
 
 Tuning: a decode chain (x rearranged, the main kernel, any split-K reduction) is tuned as it is served, the whole
 chain timed per config, the fastest kept in memory and on disk. Triton's autotuner times the main kernel alone,
@@ -17,6 +18,7 @@ import logging
 import os
 import statistics
 import tempfile
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -81,6 +83,78 @@ def graph_us(fn, items: list) -> float:
 def rotating(make, nbytes: int) -> list:
     """Copies of a weight (make() each), enough to span L2_ROTATE_BYTES, 1 to 8."""
     return [make() for _ in range(max(1, min(8, -(-L2_ROTATE_BYTES // max(nbytes, 1)))))]
+
+
+def bench_us(fn, warmup=25, rep=100) -> float:
+    """Eager time per call, host launch path included (triton.testing.do_bench, median)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    us = bench_us(lambda: b.copy_(a))
+    del a, b
+    return 2 * (2 << 30) / (us * 1e-6) / 1e9
+
+
+def energy_per_call_j(fn, seconds: float = 2.0):
+    """Joules per call from the NVML total-energy counter over a saturated loop of >= `seconds`."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.2:  # calibrate a batch that takes ~0.2 s
+        fn()
+        n += 1
+    torch.cuda.synchronize()
+    batch = max(1, n)
+    e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    t0, calls = time.perf_counter(), 0
+    while True:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            break
+    dt = time.perf_counter() - t0
+    e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    return (e1 - e0) * 1e-3 / calls, (e1 - e0) * 1e-3 / dt
+
+
+def paced_calls_per_s(fn, seconds: float = 1.0) -> float:
+    """Single calls, each waited for (a serving loop): calls completed per second."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        torch.cuda.synchronize()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def kernel_us_per_call(graph, calls: int, replays: int = 20) -> dict[str, float]:
+    """GPU time of each kernel in a CUDA graph of `calls` calls, per call (torch.profiler over `replays` replays).
+    Under programmatic dependent launch a kernel starts before the one it waits on ends, so times may overlap."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / (replays * calls) for e in prof.key_averages()
+            if e.device_type.name == "CUDA" and e.count}
 
 
 _MEMO: dict[str, dict] = {}  # chain key -> best config, this process
