@@ -75,9 +75,10 @@ def test_corpus_is_cached_by_its_config(tmp_path):
     (tmp_path / "texts" / "a" / "x.txt").write_text("alpha " * 300)
     (tmp_path / "texts" / "b" / "y.txt").write_text("beta " * 300)
     cfg = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}")
-    first = pretrain.load_corpus(cfg)
+    first = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
     (cached,) = (tmp_path / "cache").glob("corpus-*.pt")
-    again = pretrain.load_corpus(cfg)
+    again = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
     assert torch.equal(first.train, again.train) and first.test_files == again.test_files
-    other = pretrain.load_corpus(_cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}", "data.seed=5"))
+    other = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}", "data.seed=5")
+    other = data.cached_corpus(other.data, pretrain.cache_dir(other))
     assert len(list((tmp_path / "cache").glob("corpus-*.pt"))) == 2 and other.train.numel() > 0

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ttha.paths import launch_dir
+from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +148,13 @@ class KernelCostModel:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "KernelCostModel":
-        """An explicit path; else outputs/cost_models/<gpu-name>.json for this GPU if it exists; else the
-        shipped default. Logs which."""
+        """An explicit path; else cost_models/<gpu-name>.json under the outputs root for this GPU if it
+        exists; else the shipped default. Logs which."""
         if path is not None:
             model = cls.from_file(path, "file")
         else:
             gpu = _current_gpu_name()
-            measured = launch_dir() / "outputs" / "cost_models" / gpu_file_name(gpu) if gpu else None
+            measured = outputs_root() / "cost_models" / gpu_file_name(gpu) if gpu else None
             if measured is not None and measured.is_file():
                 model = cls.from_file(measured, "gpu")
             else:

@@ -2,17 +2,23 @@
 
 The default corpus is the Python standard library's own source. Files are grouped by top-level
 module or package, and whole groups go to the test stream, so the test stream is code the model
-never saw in training (a distribution shift for test-time adaptation).
+never saw in training (a distribution shift for test-time adaptation). The split is cached as tensors,
+keyed by its config (cached_corpus).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from omegaconf import OmegaConf
 
 from ttha.config import ConfigError
 
@@ -81,6 +87,28 @@ def load_corpus(cfg) -> Corpus:
         return Corpus(data[:cut], data[cut:], [str(f) for f in train_files], [str(f) for f in train_files])
     return Corpus(_concat(train_files, int(cfg.max_train_bytes)), _concat(test_files, int(cfg.max_test_bytes)),
                   [str(f) for f in train_files], [str(f) for f in test_files])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: parallel trials never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cached_corpus(cfg, cache_dir: Path) -> Corpus:
+    """load_corpus(cfg), cached in cache_dir under a hash of the config: every sweep trial reads the corpus,
+    and loading the cached tensors is far cheaper than reading and splitting the files again."""
+    payload = {"data": OmegaConf.to_container(cfg, resolve=True), "root": str(corpus_root(cfg)),
+               "python": sys.version}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"corpus-{key}.pt"
+    if path.exists():
+        return Corpus(**torch.load(path, weights_only=False))
+    corpus = load_corpus(cfg)
+    save_atomic(vars(corpus), path)
+    return corpus
 
 
 def stream_batches(stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int) -> Iterator[torch.Tensor]:

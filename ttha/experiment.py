@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ttha import config as config_mod
 from ttha import (costs, data, model as model_mod, plots, pretrain, routing, runtime, sim, stress, telemetry, tracking,
                   ttt)
-from ttha.paths import launch_dir, output_dir
+from ttha.paths import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> No
 def run(cfg: DictConfig) -> list[float]:
     """Run one experiment; return the summary metrics named by cfg.objectives."""
     config_mod.validate(cfg)
-    here, out = launch_dir(), output_dir()
+    out = output_dir()
     device = runtime.resolve_device(cfg.device)
     runtime.limit_host_threads(device)
     backend = runtime.set_kernel_backend(cfg.kernels)
@@ -221,9 +221,9 @@ def run(cfg: DictConfig) -> list[float]:
     runtime.install_signal_handlers()
     monitor = telemetry.build_monitor(cfg.telemetry, device)  # telemetry=nvml without a GPU fails here
     cost_model = costs.KernelCostModel.load(cfg.get("cost_model"))
-    corpus = pretrain.load_corpus(cfg)
+    corpus = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
 
-    tracker = tracking.tracker_from_config(cfg.tracking, here)
+    tracker = tracking.tracker_from_config(cfg.tracking)
     tags = {"telemetry.source": monitor.source, "device": str(device), "kernels.backend": backend,
             "cost_model": cost_model.source, **dict(cfg.tracking.get("tags") or {})}
     tracker.start(cfg.tracking.run_name or f"{cfg.experts.name}-{cfg.router.name}-s{cfg.seed}", tags,

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from ttha import data
 from ttha.model import MoELM
-from ttha.paths import launch_dir
+from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,9 +55,10 @@ def pretrain_seed(cfg) -> int:
 
 
 def cache_dir(cfg) -> Path:
+    """pretrain.cache_dir, or cache/ under the outputs root: checkpoints and the corpus, shared by trials."""
     if cfg.pretrain.get("cache_dir"):
         return Path(str(cfg.pretrain.cache_dir))
-    return launch_dir() / "outputs" / "cache"
+    return outputs_root() / "cache"
 
 
 @torch.no_grad()
@@ -108,28 +108,6 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
     return model, loss_ema
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: parallel trials never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_corpus(cfg) -> data.Corpus:
-    """The corpus of cfg.data, cached next to the checkpoints: reading the stdlib's ~1700 files takes
-    ~2 s, the cached tensors milliseconds (every sweep trial reads it)."""
-    payload = {"data": OmegaConf.to_container(cfg.data, resolve=True), "root": str(data.corpus_root(cfg.data)),
-               "python": sys.version}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir(cfg) / f"corpus-{key}.pt"
-    if path.exists():
-        return data.Corpus(**torch.load(path, weights_only=False))
-    corpus = data.load_corpus(cfg.data)
-    _save_atomic(vars(corpus), path)
-    return corpus
-
-
 def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) -> tuple[MoELM, dict]:
     """The pretrained 16-bit model on `device` in the serving dtype, and what is known about it."""
     t0 = time.perf_counter()
@@ -140,8 +118,8 @@ def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) 
         model.load_state_dict(state["model"])
         info = dict(state["info"], cached=True)
         log.info("pretrained model loaded from cache %s", path)
-    else:
-        corpus = corpus if corpus is not None else load_corpus(cfg)  # only training reads it
+    else:  # only training reads the corpus
+        corpus = corpus if corpus is not None else data.cached_corpus(cfg.data, cache_dir(cfg))
         model, final_loss = train(cfg, corpus, device)
         b = min(int(cfg.pretrain.batch_size), 16)
         s = int(cfg.pretrain.seq_len)
@@ -149,7 +127,7 @@ def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) 
                 "test_perplexity": evaluate(model, corpus.test, b, s, int(cfg.pretrain.eval_batches), device),
                 "unigram_perplexity": data.unigram_perplexity(corpus.test)}
         model = model.cpu()
-        _save_atomic({"model": model.state_dict(), "info": info}, path)
+        data.save_atomic({"model": model.state_dict(), "info": info}, path)
         info = dict(info, cached=False)
         log.info("pretrained model cached at %s (test ppl %.2f, byte-unigram ppl %.2f)", path,
                  info["test_perplexity"], info["unigram_perplexity"])
