@@ -1,4 +1,5 @@
-"""Triton kernels (installed as ttha.kernels): fused 4/2-bit dequant-linear and fused router top-k.
+"""Triton kernels (installed as ttha.kernels): fused 4/2-bit dequant-linear and fused router top-k, and the
+packed weight format they read (quant.py). Standalone: torch and triton only.
 
 One switch: set_backend("auto"|"triton"|"torch"); use_triton(tensor_or_device) says which path a call
 takes. dequant_linear and topk_router dispatch to the Triton kernel on CUDA and to the torch
