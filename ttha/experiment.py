@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ttha import config as config_mod
-from ttha import (costs, data, model as model_mod, plots, pretrain, routing, runtime, sim, stress, telemetry, tracking,
-                  ttt)
+from ttha import costs, data, model as model_mod, plots, pretrain, routing, runtime, sim, stress, telemetry
+from ttha import tracking, ttt
+from ttha.gpu import Stressor
 from ttha.paths import output_dir
 
 log = logging.getLogger(__name__)
@@ -65,126 +67,173 @@ def _gpu_marker(device: torch.device):
     return event
 
 
-def serve(cfg: DictConfig, model, corpus, router, policy, trainer, monitor, stressor, sim_work,
-          tracker, device: torch.device) -> tuple[list[dict], dict]:
-    """The test-time phase. Returns the per-step records and the summary metrics."""
+@dataclass
+class Serving:
+    """Everything the test-time phase serves with, as run() builds it."""
+    cfg: DictConfig
+    model: model_mod.MoELM
+    corpus: data.Corpus
+    router: routing.AdaptiveRouter
+    policy: ttt.TTTPolicy
+    trainer: ttt.TestTimeTrainer
+    monitor: telemetry.GpuSystemMonitor
+    stressor: Stressor
+    sim_work: sim.SimWork
+    tracker: tracking.Tracker
+    device: torch.device
+
+
+class StepClock:
+    """Where a step's wall time goes: named spans of the current step, summed over the measured steps into
+    the run's overhead fractions (of the whole step's time)."""
+
+    def __init__(self):
+        self.total = dict.fromkeys(("telemetry", "bias", "ttha", "ttha_exposed", "log", "step"), 0.0)
+        self.start()
+
+    def start(self) -> None:
+        self.t0, self.span = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.span[name] = time.perf_counter() - t
+
+    def mark(self, name: str) -> None:
+        """Name the time since the step started."""
+        self.span[name] = time.perf_counter() - self.t0
+
+    def count(self, exposed: bool) -> None:
+        """Add this step to the totals; the adapter update only where it was exposed (see _update_router)."""
+        self.mark("step")
+        for name in ("telemetry", "bias", "ttha", "log", "step"):
+            self.total[name] += self.span[name]
+        self.total["ttha_exposed"] += self.span["ttha"] if exposed else 0.0
+
+    def fraction(self, name: str) -> float:
+        return self.total[name] / self.total["step"]
+
+
+def _evaluate(s: Serving, batch: torch.Tensor, update: bool) -> tuple[float, int]:
+    """(summed next-byte NLL, tokens) of the batch, before any adaptation on it (prequential)."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        logits = s.model(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+    s.router.stage(for_update=update)  # host copies complete with the loss read below: one sync a step
+    return float(nll), y.numel()
+
+
+def _update_router(s: Serving, clock: StepClock, update: bool, sample, latency_ms: float,
+                   task_loss: float) -> tuple[dict, bool]:
+    """(the TTHA loss terms, whether the update was exposed). The adapter update is host work: while the GPU
+    runs the TTT step just queued it costs the step nothing. It counts as exposed unless the GPU is still
+    busy when it ends (no TTT: always exposed)."""
+    queued = _gpu_marker(s.device)
+    with clock.timed("ttha"):
+        terms = s.router.update_ttha(sample, latency_ms, task_loss) if update else {}
+    return terms, queued is None or queued.query()
+
+
+def serve(s: Serving) -> tuple[list[dict], dict]:
+    """The test-time phase: each batch is evaluated, routed with the current biases, maybe trained on (TTT),
+    and the router learns from it. Returns the per-step records and the summary metrics."""
+    cfg = s.cfg
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
     tokens = B * S
     n_warm, n_meas = int(cfg.test.warmup_batches), int(cfg.test.n_batches)
-    n_experts = sim_work.n_experts
     adaptive = bool(cfg.router.adaptive)
     update_every = int(cfg.router.get("update_every", 1))
-    pacer = Pacer(cfg.workload, tokens)
-    targets = cfg.targets
+    pacer, clock = Pacer(cfg.workload, tokens), StepClock()
 
     rows: list[dict] = []
-    nll_sum, ntok, ttt_modes = 0.0, 0, []
-    latency_ms = 0.0
+    nll_sum, ntok, latency_ms = 0.0, 0, 0.0
     energy0 = t_meas0 = None
-    overhead = {"telemetry_s": 0.0, "log_s": 0.0, "bias_s": 0.0, "ttha_s": 0.0, "ttha_exposed_s": 0.0, "step_s": 0.0}
-    batches = data.stream_batches(corpus.test, B, S, n_warm + n_meas)
+    batches = data.stream_batches(s.corpus.test, B, S, n_warm + n_meas)
     bar = tqdm(batches, total=n_warm + n_meas, desc="test-time phase", unit="batch", dynamic_ncols=True,
                mininterval=pretrain.progress_interval())
     for i, batch in enumerate(bar):
         step = i - n_warm
         if i == n_warm:  # warm-up done: stress starts, the clock and energy counter are read
-            stressor.start()
+            s.stressor.start()
             pacer.restart()
-            s0 = monitor.latest()
-            energy0, t_meas0 = s0.energy_j, time.perf_counter()
-        arrival = pacer.wait(max(step, 0)) if step >= 0 else time.perf_counter()
-        t_start = time.perf_counter()
-        sample = monitor.latest()
-        t_tel = time.perf_counter()
-        batch = batch.to(device, non_blocking=True)
-        x, y = batch[:, :-1], batch[:, 1:]
-        t_bias = time.perf_counter()
-        router.begin_step(sample, latency_ms)
-        t_bias_end = time.perf_counter()
+            energy0, t_meas0 = s.monitor.latest().energy_j, time.perf_counter()
+        arrival = pacer.wait(step) if step >= 0 else time.perf_counter()
+        clock.start()
+        with clock.timed("telemetry"):
+            sample = s.monitor.latest()
+        batch = batch.to(s.device, non_blocking=True)
 
-        with torch.no_grad():  # prequential: evaluate before any adaptation on this batch
-            logits = model(x)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        with clock.timed("bias"):
+            s.router.begin_step(sample, latency_ms)
         update = adaptive and i % update_every == 0
-        router.stage(for_update=update)  # host copies complete with the loss read below: one sync a step
-        nll = float(nll)
-        task_loss = nll / y.numel()
+        nll, n = _evaluate(s, batch, update)
+        clock.mark("serve")
 
-        t_served = time.perf_counter()
-        mode, reason = policy.decide(sample, tokens, latency_ms)
-        t_ttt = time.perf_counter()
-        trainer.step(batch, mode)
-        t_ttt_end = time.perf_counter()
+        mode, reason = s.policy.decide(sample, tokens, latency_ms)
+        with clock.timed("ttt"):
+            s.trainer.step(batch, mode)
+        terms, exposed = _update_router(s, clock, update, sample, latency_ms, nll / n)
 
-        # The adapter update is host work: while the GPU runs the TTT step just queued it costs the step
-        # nothing. It counts as exposed unless the GPU is still busy when it ends (no TTT: always exposed).
-        queued = _gpu_marker(device)
-        terms = {}
-        t_ttha = time.perf_counter()
-        if update:
-            terms = router.update_ttha(sample, latency_ms, task_loss)
-        t_ttha_end = time.perf_counter()
-        exposed = queued is None or queued.query()
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
         t_end = time.perf_counter()
         latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
-
-        usage = _usage_array(router, n_experts)
-        monitor.report_work(sim_work.relative_power(usage, t_served - t_start, t_ttt_end - t_ttt, pacer.interval))
-
+        usage = _usage_array(s.router, s.sim_work.n_experts)
+        s.monitor.report_work(s.sim_work.relative_power(usage, clock.span["serve"], clock.span["ttt"],
+                                                        pacer.interval))
         if step < 0:
             continue
-        nll_sum += nll
-        ntok += y.numel()
-        ttt_modes.append(mode)
+
+        nll_sum, ntok = nll_sum + nll, ntok + n
         row = {
             "step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
             "telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
             "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
             "telemetry/energy_j": sample.energy_j - energy0, "ttt/mode": TTT_CODE[mode],
-            "router/balance_score": router.balance_score, "eval/batch_loss": task_loss,
+            "router/balance_score": s.router.balance_score, "eval/batch_loss": nll / n,
         }
         row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
         row.update({f"loss/{k}": float(v) for k, v in terms.items()})
         rows.append(row)
-        t_log = time.perf_counter()
-        tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
-        t_log_end = time.perf_counter()
-        overhead["telemetry_s"] += t_tel - t_start
-        overhead["bias_s"] += t_bias_end - t_bias
-        overhead["ttha_s"] += t_ttha_end - t_ttha
-        overhead["ttha_exposed_s"] += t_ttha_end - t_ttha if exposed else 0.0
-        overhead["log_s"] += t_log_end - t_log
-        overhead["step_s"] += t_log_end - t_start
+        with clock.timed("log"):
+            s.tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+        clock.count(exposed)
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 
     wall = time.perf_counter() - t_meas0
-    energy = monitor.latest().energy_j - energy0
+    energy = s.monitor.latest().energy_j - energy0
+    return rows, _summary(s, rows, nll_sum, ntok, wall, energy, clock)
+
+
+def _summary(s: Serving, rows: list[dict], nll_sum: float, ntok: int, wall_s: float, energy_j: float,
+             clock: StepClock) -> dict:
+    """The run's summary metrics from its measured steps."""
     power = np.array([r["telemetry/power_w"] for r in rows])
     temp = np.array([r["telemetry/temp_c"] for r in rows])
+    modes = [r["ttt/mode"] for r in rows]
     summary = {
         "eval/perplexity": math.exp(nll_sum / max(ntok, 1)),
-        "eval/tokens_per_s": ntok / wall,
-        "eval/energy_per_token_j": energy / max(ntok, 1),
+        "eval/tokens_per_s": ntok / wall_s,
+        "eval/energy_per_token_j": energy_j / max(ntok, 1),
         "eval/mean_power_w": float(power.mean()),
         "eval/max_temp_c": float(temp.max()),
-        "eval/time_over_power_target_frac": float((power > targets.power_w).mean()),
-        "eval/time_over_temp_target_frac": float((temp > targets.temp_c).mean()),
+        "eval/time_over_power_target_frac": float((power > s.cfg.targets.power_w).mean()),
+        "eval/time_over_temp_target_frac": float((temp > s.cfg.targets.temp_c).mean()),
         "eval/mean_latency_ms": float(np.mean([r["latency_ms"] for r in rows])),
-        "ttt/skip_frac": ttt_modes.count("skip") / max(len(ttt_modes), 1),
-        "ttt/light_frac": ttt_modes.count("light") / max(len(ttt_modes), 1),
-        "overhead/telemetry_frac": overhead["telemetry_s"] / overhead["step_s"],
-        "overhead/logging_frac": overhead["log_s"] / overhead["step_s"],
-        "overhead/ttha_update_frac": overhead["ttha_exposed_s"] / overhead["step_s"],
-        "overhead/ttha_host_frac": overhead["ttha_s"] / overhead["step_s"],
-        "overhead/router_bias_frac": overhead["bias_s"] / overhead["step_s"],
-        "telemetry/read_errors": float(getattr(monitor, "error_count", 0)),
+        "ttt/skip_frac": modes.count(TTT_CODE["skip"]) / max(len(modes), 1),
+        "ttt/light_frac": modes.count(TTT_CODE["light"]) / max(len(modes), 1),
+        "overhead/telemetry_frac": clock.fraction("telemetry"),
+        "overhead/logging_frac": clock.fraction("log"),
+        "overhead/ttha_update_frac": clock.fraction("ttha_exposed"),
+        "overhead/ttha_host_frac": clock.fraction("ttha"),
+        "overhead/router_bias_frac": clock.fraction("bias"),
+        "telemetry/read_errors": float(getattr(s.monitor, "error_count", 0)),
     }
-    for e in range(n_experts):
+    for e in range(s.sim_work.n_experts):
         summary[f"experts/mean_usage_{e}"] = float(np.mean([r[f"experts/usage_{e}"] for r in rows]))
-    return rows, summary
+    return summary
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -213,6 +262,7 @@ def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> No
 def run(cfg: DictConfig) -> list[float]:
     """Run one experiment; return the summary metrics named by cfg.objectives."""
     config_mod.validate(cfg)
+    # the process: where it writes, which device, seeds, host threads, kernels, what SIGTERM does
     out = output_dir()
     device = runtime.resolve_device(cfg.device)
     runtime.limit_host_threads(device)
@@ -247,13 +297,13 @@ def run(cfg: DictConfig) -> list[float]:
         router = routing.AdaptiveRouter(cfg.model.n_experts, cfg.model.top_k, bits, cost_model, cfg.router,
                                         cfg.objective, cfg.targets, device)
         model.set_router(router)
-        policy = ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets)
-        trainer = ttt.TestTimeTrainer(model, cfg.ttt)
         tokens = int(cfg.test.batch_size) * int(cfg.test.seq_len)
         sim_work = sim.SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {})
 
-        rows, summary = serve(cfg, model, corpus, router, policy, trainer, monitor, stressor, sim_work,
-                              tracker, device)
+        rows, summary = serve(Serving(
+            cfg=cfg, model=model, corpus=corpus, router=router, policy=ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets),
+            trainer=ttt.TestTimeTrainer(model, cfg.ttt), monitor=monitor, stressor=stressor, sim_work=sim_work,
+            tracker=tracker, device=device))
         stressor.stop()
         tracker.log_summary(summary)
         tracker.set_tags({"expert_bits": ",".join(map(str, bits))})
