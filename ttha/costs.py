@@ -2,13 +2,13 @@
 
 The router and the TTT policy ask it what an operation costs: `get_cost(op, batch_size)`.
 A cost model is a JSON file (schema below). `KernelCostModel.load()` picks, in order, an explicit path,
-the file measured on the GPU this process runs on (outputs/cost_models/<gpu-name>.json, written by
-profile_kernels.py) or the shipped default ttha/resources/cost_model_h100.json: measured on an H100 with
-profile_kernels.py (CUDA events, NVML energy net of idle).
+the file measured on the GPU this process runs on (cost_models/<gpu-name>.json under the outputs root,
+written by profile_kernels.py) or the shipped default ttha/resources/cost_model_h100.json, measured on an
+H100 with profile_kernels.py (CUDA events, NVML energy net of idle).
 
-ttha/resources/cost_model_estimate.json holds the roofline ESTIMATES for an H100 that came before the
-measurements (bytes moved and FLOPs per operation, `estimate_h100`), marked "estimated": true; tests use
-it where they need quantized experts to be the cheap ones. Regenerate it with `python -m ttha.costs`.
+ttha/resources/cost_model_estimate.json holds roofline ESTIMATES for an H100 (bytes moved and FLOPs per
+operation, `estimate_h100`), marked "estimated": true; tests use it where they need quantized experts to
+be the cheap ones. Regenerate it with `python -m ttha.costs`.
 
 Schema (version 1):
     {"schema_version": 1, "gpu": str, "estimated": bool, "source": str, "note": str (optional),
@@ -196,7 +196,7 @@ class KernelCostModel:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Roofline ESTIMATES for an H100 SXM (the shipped default until measurements replaced them).
+# Roofline ESTIMATES for an H100 SXM (written to ttha/resources/cost_model_estimate.json).
 # latency = max(bytes / effective bandwidth, FLOPs / achievable FLOP/s) + launch overhead per kernel
 # energy  = P_active * latency + E_BYTE * bytes + E_FLOP * FLOPs   (net of the ~78 W idle floor)
 # The assumptions are module constants so the estimate can be read, checked and regenerated.
