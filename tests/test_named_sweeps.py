@@ -1,5 +1,6 @@
 """The shipped named sweeps (sweeps/*.yaml) compose with train.py's config, and `train.py -m sweep=smoke`
-runs end to end: COMPLETE trials in the study, one MLflow parent run with a child per trial."""
+runs end to end: COMPLETE trials in the study, one MLflow parent run with a child per trial, and nothing
+written outside outputs/."""
 import os
 import sqlite3
 import subprocess
@@ -8,19 +9,22 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from ttha import config as config_mod
+from ttha.paths import sweeps_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+
+
+def test_the_shipped_sweeps_are_the_ones_of_the_sweeps_folder():
+    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) and "smoke" in SWEEPS
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_shipped_sweep_composes_and_validates(name):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+def test_every_shipped_sweep_composes_and_validates(compose_cfg, name):
+    cfg = compose_cfg(f"sweep={name}", hydra=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper.params, name  # every named sweep searches something
     if "optuna" in sweeper._target_.lower() or "ttha_sweeper" in sweeper._target_:
@@ -34,10 +38,12 @@ def test_every_shipped_sweep_composes_and_validates(name):
 @pytest.mark.slow
 def test_smoke_sweep_runs_end_to_end_and_resumes(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "sweep=smoke", "hydra.sweeper.n_trials=2",
-           "test.n_batches=6", "pretrain.steps=20", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+           "test.n_batches=6", "pretrain.steps=20"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    assert not (tmp_path / "outputs" / "mlruns").exists() and (tmp_path / "outputs" / "mlartifacts").is_dir()
     storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"
     trials = optuna.load_study(study_name="smoke", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
@@ -49,7 +55,8 @@ def test_smoke_sweep_runs_end_to_end_and_resumes(tmp_path):
     assert len(parents) == 1 and sorted(kids) == [("0", "FINISHED"), ("1", "FINISHED")]
     (status,) = con.execute("select status from runs where run_uuid=?", parents[0]).fetchone()
     assert status == "FINISHED"
-    assert (tmp_path / "multirun" / "optimization_results.yaml").exists()
+    [sweep_dir] = (tmp_path / "outputs" / "multirun").glob("*/*")  # <date>/<time>
+    assert (sweep_dir / "optimization_results.yaml").exists() and (sweep_dir / "0" / ".hydra").is_dir()
     # the same command again: the study already has its 2 trials, nothing is added
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -28,6 +28,7 @@ from typing import Any
 
 from ttha.config import ConfigError
 from ttha.gpu import LIVE, Stressor
+from ttha.paths import conf_dir
 from ttha.sim import SimStressor
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def build_stressor(cfg: Any, device, monitor, backend: str | None = None) -> Str
 
 # ----------------------------------------------------------------------------- measuring a scenario
 
-CONF = Path(__file__).resolve().parents[1] / "conf"  # the scenarios' and the simulator's own configs
+CONF = conf_dir()  # the scenarios' and the simulator's own configs
 
 
 def _cool_down(monitor, idle_w: float, max_s: float) -> None:

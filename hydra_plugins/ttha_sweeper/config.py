@@ -4,13 +4,14 @@ Keys follow Hydra's official Optuna sweeper so users' habits carry over; `mlflow
 `devices` are ours. Kept import-light: Hydra imports this module at every start.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from ttha import paths
 
 
 @dataclass
@@ -67,7 +68,7 @@ class OptunaSweeperConf:
     defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     sampler: Any = MISSING
     direction: Any = "minimize"          # minimize | maximize, or a list (one per objective)
-    storage: Optional[str] = None        # null: sqlite:///<launch dir>/outputs/optuna.db; any RDB URL; *.log / journal:<file>
+    storage: Optional[str] = None        # null: sqlite:///<paths.outputs>/optuna.db; any RDB URL; *.log / journal:<file>
     study_name: Optional[str] = None     # null: <job name>-<hash of the search space and directions>
     n_trials: int = 20                   # COMPLETE trials in the study in total (re-running resumes up to it)
     n_jobs: int = 1                      # trials launched at once through the Hydra launcher
@@ -87,14 +88,9 @@ for name, node in {"tpe": TPESamplerConf, "random": RandomSamplerConf, "cmaes": 
     cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="ttha_sweeper")
 
 
-def sweeps_dir() -> Path:
-    """sweeps/ of the repository (editable install or run from the repo); TTHA_SWEEPS_DIR overrides."""
-    env = os.environ.get("TTHA_SWEEPS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "sweeps"
-
-
 def register_named_sweeps(directory: Path) -> List[str]:
-    """Each sweeps/<name>.yaml becomes `sweep=<name>` (a _global_ config: it sets hydra.sweeper.* and more)."""
+    """Each <name>.yaml of the folder becomes `sweep=<name>`: a _global_ config (it sets hydra.sweeper.* and
+    more) in Hydra's ConfigStore, since a search-path entry would name the group after the folder (sweeps)."""
     names = []
     for path in sorted(Path(directory).glob("*.yaml")):
         cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_",
@@ -103,4 +99,4 @@ def register_named_sweeps(directory: Path) -> List[str]:
     return names
 
 
-register_named_sweeps(sweeps_dir())
+register_named_sweeps(paths.sweeps_dir())
