@@ -58,13 +58,13 @@ def write_csv(rows: list[dict], group_by: list[str], metrics: list[str], path: P
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default sqlite:///outputs/mlflow.db)")
+    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: outputs/mlflow.db, as train.py)")
     ap.add_argument("--experiment", default="ttha")
     ap.add_argument("--group-by", default="router.name,ttt.policy")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     ap.add_argument("--csv", default=None, help="also write the table here")
     args = ap.parse_args(argv)
-    uri = args.uri or tracking.default_uri(Path.cwd())
+    uri = args.uri or tracking.default_uri()
     group_by, metrics = args.group_by.split(","), args.metrics.split(",")
     runs = tracking.finished_runs(uri, args.experiment)
     if not runs:

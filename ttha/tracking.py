@@ -1,9 +1,9 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: the only module that imports mlflow (runs, sweeps and reports all go through it).
 
-Step metrics are buffered and written by a background thread with MlflowClient.log_batch
-(a synchronous log_metric costs ~13.6 ms a call; log_batch ~0.1 ms a metric), so the
-serving loop only appends to a list. A run ends FINISHED, FAILED (exception, last line of
-the error as tag `error`) or KILLED (Ctrl-C / SIGTERM) — never left RUNNING.
+Step metrics are buffered and written by a background thread with MlflowClient.log_batch, so the serving
+loop only appends to a list (a synchronous log_metric per value would stall it). A run ends FINISHED,
+FAILED (exception, last line of the error as tag `error`) or KILLED (Ctrl-C / SIGTERM), never left RUNNING.
+Parallel trials share one sqlite file, so every write retries while the file is locked.
 """
 from __future__ import annotations
 
@@ -12,29 +12,39 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from ttha import paths
+
 log = logging.getLogger(__name__)
 
-MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LEN = 6000
 
 
-def default_uri(launch_dir: Path) -> str:
-    """sqlite file outputs/mlflow.db under the launch directory (absolute)."""
-    path = (Path(launch_dir) / "outputs" / "mlflow.db").resolve()
+def default_uri() -> str:
+    """sqlite file mlflow.db under the outputs root, absolute so every process of a sweep shares it."""
+    path = paths.outputs_root().resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 
-def _retry(fn, *args, attempts: int = 8, **kwargs):
-    """Parallel trials share one sqlite file: retry briefly when it is locked."""
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a local sqlite store (<outputs>/mlartifacts for
+    the default one), never MLflow's ./mlruns under whatever directory the process runs in. None for a
+    tracking server, which keeps its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def retry(fn: Callable, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), retried briefly while a shared sqlite file is locked."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
@@ -45,25 +55,23 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
 
 
 def failure_line(err: BaseException) -> str:
-    """The last non-empty line of an error's message, for the `error` tag."""
+    """The last non-empty line of an error's message: what a failed run's `error` tag and a trial record."""
     text = f"{type(err).__name__}: {err}".strip()
     return [ln for ln in text.splitlines() if ln.strip()][-1][:500]
 
 
+def _tags(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in tags.items()}
+
+
 class Tracker:
-    """One MLflow run: params, buffered step metrics, summary metrics, artifacts, status."""
+    """One MLflow run: params, buffered step metrics, summary metrics, artifacts, status; and, for a sweep's
+    parent run, its child runs."""
 
     def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = _retry(self.client.get_experiment_by_name, experiment)
-        if exp is None:
-            try:
-                self.experiment_id = _retry(self.client.create_experiment, experiment)
-            except Exception:  # a parallel trial created it first
-                self.experiment_id = _retry(self.client.get_experiment_by_name, experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = self._experiment_id(experiment)
         self.flush_every_s = flush_every_s
         self.run_id: str | None = None
         self._buffer: list[Metric] = []
@@ -72,19 +80,47 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self.flush_seconds = 0.0  # time spent writing, for the overhead report
 
+    def _experiment_id(self, name: str) -> str:
+        exp = retry(self.client.get_experiment_by_name, name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return retry(self.client.create_experiment, name, artifact_location=artifact_location(self.uri))
+        except Exception:  # a parallel trial created it first
+            return retry(self.client.get_experiment_by_name, name).experiment_id
+
     # -- run lifecycle -------------------------------------------------------------------
     def start(self, run_name: str | None, tags: dict[str, Any] | None = None,
               parent_run_id: str | None = None) -> str:
-        tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags = _tags(tags or {})
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_name:
             tags[MLFLOW_RUN_NAME] = run_name
-        run = _retry(self.client.create_run, self.experiment_id, tags=tags, run_name=run_name)
-        self.run_id = run.info.run_id
+        run = retry(self.client.create_run, self.experiment_id, tags=tags, run_name=run_name)
+        self._begin(run.info.run_id)
+        return run.info.run_id
+
+    def resume(self, run_id: str | None) -> bool:
+        """Continue an existing run of this experiment (a resumed sweep's parent run); False when there is
+        none to continue (no id, another tracking URI, a deleted run)."""
+        if not run_id:
+            return False
+        try:
+            run = retry(self.client.get_run, run_id)
+        except Exception:  # another tracking URI, or the run was purged
+            return False
+        if run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id:
+            return False
+        retry(self.client.update_run, run_id, status="RUNNING")
+        self._begin(run_id)
+        return True
+
+    def _begin(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._stop.clear()
         self._thread = threading.Thread(target=self._flush_loop, name="mlflow-flush", daemon=True)
         self._thread.start()
-        return self.run_id
 
     def end(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         """Flush everything and set the final status (FINISHED, FAILED or KILLED)."""
@@ -99,7 +135,7 @@ class Tracker:
             log.warning("could not flush metrics: %s", flush_err)
         if error is not None:
             self.set_tags({"error": failure_line(error)})
-        _retry(self.client.set_terminated, self.run_id, status=status)
+        retry(self.client.set_terminated, self.run_id, status=status)
         log.info("MLflow run %s %s (%s)", self.run_id, status, self.uri)
         self.run_id = None
 
@@ -116,13 +152,13 @@ class Tracker:
         return False
 
     # -- logging -------------------------------------------------------------------------
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: dict[str, Any], run_id: str | None = None) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            _retry(self.client.log_batch, self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            retry(self.client.log_batch, run_id or self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
+        retry(self.client.log_batch, run_id or self.run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()])
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer one step's metrics (cheap: the background thread writes them)."""
@@ -141,7 +177,7 @@ class Tracker:
             pending, self._buffer = self._buffer, []
         t0 = time.perf_counter()
         for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            _retry(self.client.log_batch, self.run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH])
+            retry(self.client.log_batch, self.run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH])
         self.flush_seconds += time.perf_counter() - t0
 
     def _flush_loop(self) -> None:
@@ -153,11 +189,32 @@ class Tracker:
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for p in paths:
-            _retry(self.client.log_artifact, self.run_id, str(p), artifact_path)
+            retry(self.client.log_artifact, self.run_id, str(p), artifact_path)
+
+    # -- child runs (a sweep's trials) ------------------------------------------------------
+    def children(self) -> list[Run]:
+        """This run's child runs, oldest first."""
+        runs = retry(self.client.search_runs, [self.experiment_id],
+                     filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{self.run_id}'", max_results=50_000)
+        return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+    def start_child(self, run_name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+        """A child run created on behalf of a child that failed before it could start its own."""
+        tags = {**_tags(tags), MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_RUN_NAME: run_name}
+        run_id = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.log_params(params, run_id)
+        return run_id
+
+    def end_child(self, run_id: str, status: str, error: str) -> None:
+        """Give a child run its final status (keeping the end time of one already there) and the error line."""
+        self.set_tags({"error": error}, run_id)
+        if retry(self.client.get_run, run_id).info.status != status:
+            retry(self.client.set_terminated, run_id, status=status)
 
 
-def tracker_from_config(tracking_cfg, launch_dir: Path) -> Tracker:
-    uri = tracking_cfg.uri or default_uri(launch_dir)
+def tracker_from_config(tracking_cfg) -> Tracker:
+    """The run's Tracker from its `tracking` config group (conf/tracking)."""
+    uri = tracking_cfg.uri or default_uri()
     return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s))
 
 
@@ -171,7 +228,3 @@ def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
                               max_results=50_000)
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "params": dict(r.data.params),
              "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]
-
-
-def mlflow_version() -> str:
-    return mlflow.__version__

@@ -21,18 +21,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from ttha import paths
+from ttha.tracking import default_uri, failure_line
+
 from . import _results, _space
 from ._errors import SweepConfigError, SweepStopped
+from ._mlflow import SweepTracking
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
 OWNER_ATTR = "sweeper_owner"  # host:pid of the sweep that asked the trial (stale RUNNING trials on resume)
 K = "hydra.sweeper."
-
-
-def failure_line(err: BaseException) -> str:
-    lines = [ln for ln in f"{type(err).__name__}: {err}".splitlines() if ln.strip()]
-    return lines[-1][:500]
 
 
 def _owner() -> str:
@@ -185,7 +184,7 @@ class SweepRunner:
         sampler, grid = self.make_sampler(space)
         n_trials = min(s["n_trials"], grid) if grid else s["n_trials"]
         self.dry_compose(space)
-        url = s["storage"] or f"sqlite:///{self.launch_dir / 'outputs' / 'optuna.db'}"
+        url = s["storage"] or f"sqlite:///{paths.outputs_root() / 'optuna.db'}"
         storage, url = make_storage(str(url), self.launch_dir)
         name = self.study_name(s, space)
         try:
@@ -240,14 +239,13 @@ class SweepRunner:
             log.warning("marked %d trial(s) left RUNNING by a killed sweep as FAIL: %s", len(stale), stale)
         return stale
 
-    def open_tracking(self, s: dict[str, Any], study: optuna.Study, url: str, sampler: Any):
+    def open_tracking(self, s: dict[str, Any], study: optuna.Study, url: str,
+                      sampler: Any) -> SweepTracking | None:
         tracking_cfg = self.config.get("tracking")
         if tracking_cfg is None or "parent_run_id" not in tracking_cfg:
             log.info("no tracking.parent_run_id in the task config: no MLflow parent run")
             return None
-        from ._mlflow import SweepTracking, default_uri
-
-        uri = tracking_cfg.get("uri") or default_uri(self.launch_dir)
+        uri = tracking_cfg.get("uri") or default_uri()
         choices = self.config.hydra.runtime.get("choices", {})
         tags = {"study_name": study.study_name, "storage": _masked(url), "sampler": type(sampler).__name__,
                 "directions": ",".join(s["directions"]), "objectives": ",".join(s["objective_names"]),
@@ -255,7 +253,7 @@ class SweepRunner:
         return SweepTracking(uri, tracking_cfg.get("experiment") or "Default", study, tags)
 
     def trial_overrides(self, trial: optuna.Trial, space: _space.SearchSpace, slot: int,
-                        s: dict[str, Any], tracking: Any) -> list[str]:
+                        s: dict[str, Any], tracking: SweepTracking | None) -> list[str]:
         items = [f"{k}={_space.as_override_value(v)}" for k, v in trial.params.items()]
         items += [f"{k}={v}" for k, v in space.fixed.items() if k not in trial.params] + space.deletions
         if tracking:
@@ -301,7 +299,7 @@ class SweepRunner:
         return values, None
 
     def run_trials(self, study: optuna.Study, space: _space.SearchSpace, s: dict[str, Any], n_trials: int,
-                   tracking: Any) -> str | None:
+                   tracking: SweepTracking | None) -> str | None:
         """Ask/launch/tell until n_trials trials are COMPLETE; a stop message when too many fail."""
         failures: list[str] = []
         extender: Callable | None = s["extender"]
@@ -354,7 +352,8 @@ class SweepRunner:
             if "Study.stop" not in str(err):
                 raise
 
-    def report(self, study: optuna.Study, s: dict[str, Any], url: str, tracking: Any) -> dict[str, Any]:
+    def report(self, study: optuna.Study, s: dict[str, Any], url: str,
+               tracking: SweepTracking | None) -> dict[str, Any]:
         names = s["objective_names"]
         extra: dict[str, Any] = {"storage": _masked(url), "trial_overhead_s": None}
         if tracking:
@@ -382,7 +381,7 @@ class SweepRunner:
         return summary
 
     @staticmethod
-    def trial_overhead(study: optuna.Study, tracking: Any, s: dict[str, Any]) -> float | None:
+    def trial_overhead(study: optuna.Study, tracking: SweepTracking, s: dict[str, Any]) -> float | None:
         """Mean seconds a trial's launch took beyond its MLflow run (sequential trials only)."""
         if s["n_jobs"] != 1:
             return None

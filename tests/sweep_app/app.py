@@ -26,7 +26,7 @@ def main(cfg: DictConfig):
 
     trial = int(cfg.tracking.tags.get("trial_number", -1))
     launch = Path(hydra.core.hydra_config.HydraConfig.get().runtime.cwd)
-    tracker = tracking.tracker_from_config(cfg.tracking, launch)
+    tracker = tracking.tracker_from_config(cfg.tracking)
     tracker.start(cfg.tracking.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id)
     with tracker:
         tracker.log_params({"x": cfg.x, "y": cfg.y, "kind": cfg.kind, "device": cfg.device})
