@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import CompactHydraException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.ttha_sweeper import _space
@@ -28,7 +29,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @pytest.fixture(scope="module")
 def mlflow_db(tmp_path_factory):
-    """One MLflow sqlite file for the module (creating one costs seconds); tests tell runs apart by study."""
+    """One MLflow sqlite file for the module (each new one runs MLflow's migrations); tests tell runs apart by
+    study."""
     return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
 
 
@@ -129,6 +131,13 @@ def test_grammar_errors_name_the_key(expr, problem):
     assert problem in str(err.value) and "\n" not in str(err.value)
 
 
+def test_sweep_config_error_is_the_plugins_own_one_line_error():
+    err = SweepConfigError("hydra.sweeper.n_trials", 0, "must be an integer > 0")
+    assert str(err) == "hydra.sweeper.n_trials=0: must be an integer > 0"
+    assert isinstance(err, ValueError) and isinstance(err, CompactHydraException)
+    assert not any(c.__module__.startswith("ttha") for c in type(err).__mro__)  # works for any Hydra app
+
+
 # -- sweeps ---------------------------------------------------------------------------------------------
 
 def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path, mlflow_db):
@@ -150,6 +159,8 @@ def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path,
     assert results["best_value"] == pytest.approx(best.value) and results["best_trial"] == best.number
     assert (tmp_path / "multirun" / "optimization_history.png").stat().st_size > 1000
     assert runs[parent]["status"] == "FINISHED" and runs[parent]["tags"]["study_name"] == "s"
+    assert (mlflow_db.parent / "mlartifacts" / parent / "artifacts" / "optimization_results.yaml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun", "outputs"]  # no ./mlruns
 
     assert run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.n_trials=4", *args) == 0  # nothing left to do
     assert states(tmp_path, "s") == ["COMPLETE"] * 4

@@ -1,11 +1,16 @@
 """Sweep configuration errors: one line naming the key, printed by Hydra without a traceback."""
+from typing import Any
+
 from hydra.errors import CompactHydraException
 
-from ttha.config import ConfigError
 
+class SweepConfigError(ValueError, CompactHydraException):
+    """'<key>=<value>: <problem>': a bad sweeper setting, raised before any trial runs. The plugin's own
+    type, so it works for any Hydra app; the line reads like ttha's ConfigError."""
 
-class SweepConfigError(ConfigError, CompactHydraException):
-    """'<key>=<value>: <problem>' — a bad sweeper setting, raised before any trial runs."""
+    def __init__(self, key: str, value: Any, problem: str):
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(f"{key}={value!r}: {problem}")
 
 
 class SweepStopped(CompactHydraException):
