@@ -1,16 +1,15 @@
-"""AdaptiveRouter, TTHAAdapter, ExpertLoadBalancer and the TTHA loss (random gate logits, no model)."""
+"""AdaptiveRouter, ExpertLoadBalancer and the TTHA loss (random gate logits, no model)."""
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from ttha.costs import ESTIMATE_PATH, KernelCostModel
-from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, HostAdam, TTHAAdapter, topk_route
+from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, topk_route
 
 ROOT_CONF = ESTIMATE_PATH.parents[2] / "conf"
 COSTS = KernelCostModel.load(ESTIMATE_PATH)  # roofline: the quantized experts are the cheap ones
@@ -55,11 +54,6 @@ def test_topk_route_matches_a_reference():
         ref = sorted(range(E), key=lambda e: -p[t, e])[:K]
         assert idx[t].tolist() == ref
         assert w[t].tolist() == pytest.approx((p[t, ref] / p[t, ref].sum()).tolist(), rel=1e-5)
-
-
-def test_adapter_starts_neutral():
-    a = TTHAAdapter(3, 7, hidden=16)
-    assert torch.equal(a(torch.rand(E, 3), torch.rand(7)), torch.zeros(E))
 
 
 def test_cost_features_rank_experts_by_cost():
@@ -299,34 +293,3 @@ def test_update_during_the_next_step_learns_from_the_staged_step():
     for a, b in zip(t_end, t_next):
         assert a == pytest.approx(b, rel=1e-6)
     assert torch.allclose(p_end, p_next, rtol=1e-6, atol=1e-7) and float(p_end.abs().sum()) > 0
-
-
-def test_host_adam_steps_like_torch_adam():
-    torch.manual_seed(0)
-    ours, ref = TTHAAdapter(), TTHAAdapter()
-    ref.load_state_dict(ours.state_dict())
-    host, torch_adam = HostAdam(ours.parameters(), lr=0.05), torch.optim.Adam(ref.parameters(), lr=0.05)
-    for step in range(5):
-        grads = [torch.randn_like(p) for p in ours.parameters()]
-        host.step([g.numpy() for g in grads])
-        for p, g in zip(ref.parameters(), grads):
-            p.grad = g
-        torch_adam.step()
-        for a, b in zip(ours.parameters(), ref.parameters()):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), step
-    assert not torch.equal(ours.net[0].weight, TTHAAdapter().net[0].weight)  # it moved
-
-
-def test_adapter_numpy_forward_and_grads_match_autograd():
-    torch.manual_seed(1)
-    adapter = TTHAAdapter()
-    with torch.no_grad():
-        adapter.net[-1].weight.normal_()
-    cost, hw = torch.rand(6, 3), torch.rand(7)
-    out = adapter(cost, hw)
-    g = torch.randn(6)
-    out.backward(g)
-    bias, saved = adapter.forward_np(cost.numpy(), hw.numpy())
-    assert np.allclose(bias, out.detach().numpy(), rtol=1e-5, atol=1e-6)
-    for ours, p in zip(adapter.grads_np(saved, g.numpy()), adapter.parameters()):
-        assert ours.shape == tuple(p.shape) and np.allclose(ours, p.grad.numpy(), rtol=1e-4, atol=1e-6)
