@@ -14,14 +14,14 @@ from ttha.config import ConfigError
 
 @hydra.main(config_path="conf", config_name="profile", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ttha import profiler  # torch and mlflow after Hydra has parsed the command line
+    from ttha.profiler import report, run  # torch and mlflow after Hydra has parsed the command line
 
     try:
-        path, data = profiler.run(cfg)
+        path, data = run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(profiler.table(data))
+    print(report.table(data))
     print(f"wrote {path} ({data['profile_seconds']:.1f} s)")
 
 

@@ -10,8 +10,10 @@ from hydra import compose, initialize_config_dir
 
 from ttha import costs, profiler
 from ttha.config import ConfigError
+from ttha.paths import conf_dir
+from ttha.profiler import measure, ops, report
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+CONF = str(conf_dir())
 EXPERT_OPS = [costs.expert_op(b) for b in (16, 8, 4, 2)]
 RUN_OPS = EXPERT_OPS + ["router_topk", "ttha_adapter_forward", "ttha_update", "ttt_light", "ttt_full"]
 
@@ -67,12 +69,12 @@ def test_trace_saved_and_parsed_back_gives_the_same_ops(tmp_path):
     device = torch.device("cpu")
     shape = {"d_model": 64, "d_ff": 128, "n_experts": 4, "top_k": 2, "group_size": 32, "ttt_seq_len": 16,
              "ttt_expert_bits": [16, 4, 2]}
-    templates = profiler.operation_templates(profiler.Context(device, torch.float32, shape, None, 0))
+    templates = ops.operation_templates(ops.Context(device, torch.float32, shape, None, 0))
     picked = {k: templates[k] for k in ("expert_16bit", "expert_int2", "router_topk")}
-    trace = profiler.save_trace(picked, [2, 4096], device, tmp_path / "trace.json", repeats=3)
-    data = profiler.parse_trace(trace, "cpu", shape)
+    trace = report.save_trace(picked, [2, 4096], device, tmp_path / "trace.json", repeats=3)
+    data = report.parse_trace(trace, "cpu", shape)
     model = costs.KernelCostModel(data, "trace")
-    assert model.ops == sorted(picked)
+    assert model.ops == sorted(picked) and data["gpu"] == "cpu"
     for op in picked:
         assert model.batch_sizes(op) == [2.0, 4096.0]
         assert all(v > 0 for v in data["ops"][op]["latency_ms"]) and data["ops"][op]["energy_j"] is None
@@ -84,7 +86,7 @@ def test_parse_trace_rejects_a_trace_without_annotations(tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "aten::mm", "cat": "cpu_op", "dur": 3}]}))
     with pytest.raises(ValueError, match="no op@batch annotations"):
-        profiler.parse_trace(bad)
+        report.parse_trace(bad)
 
 
 class FakeMeter:
@@ -100,7 +102,7 @@ class FakeMeter:
 
 def test_energy_window_recovers_power_despite_100ms_counter_refresh():
     meter = FakeMeter(300.0)
-    joules, dt, batches = profiler.counter_window(lambda: time.sleep(0.005), lambda _: None, meter.read_j, 0.5)
+    joules, dt, batches = measure.counter_window(lambda: time.sleep(0.005), lambda _: None, meter.read_j, 0.5)
     assert dt >= 0.5 and batches >= 50
     assert joules / dt == pytest.approx(300.0, rel=0.06)  # an unaligned 0.5 s window can be 20 % off
 
@@ -112,7 +114,7 @@ def test_energy_per_call_gross_and_net_of_idle():
     def call():
         time.sleep(0.002)
         calls_per_s.append(1)
-    e = profiler.energy_per_call(call, meter, torch.device("cpu"), 0.5, call_ms=2.0, idle_w=100.0)
+    e = measure.energy_per_call(call, meter, torch.device("cpu"), 0.5, call_ms=2.0, idle_w=100.0)
     per_call_s = e["window_s"] / e["calls"]
     assert e["gross"] == pytest.approx(250.0 * per_call_s, rel=0.08)
     assert e["net"] == pytest.approx(e["gross"] - 100.0 * per_call_s, rel=1e-6)
@@ -125,11 +127,19 @@ def test_energy_per_call_gross_and_net_of_idle():
     ("size=huge", "size"),
     ("ops=[expert_16bit,expert_int3]", "ops"),
     ("sizes.tiny.ttt_model=nope", "ttt_model"),
+    ("kernels=cuda", "kernels"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:
         profiler.run(_cfg(tmp_path, override, "tracking.enabled=false"))
     assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_default_out_is_the_gpu_file_under_the_outputs_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiler, "outputs_root", lambda: tmp_path / "root")
+    path, data = profiler.run(_cfg(tmp_path, "out=null", "ops=[expert_16bit]", "batch_sizes=[1]",
+                                   "tracking.enabled=false"))
+    assert path == tmp_path / "root" / "cost_models" / costs.gpu_file_name(data["gpu"]) and path.is_file()
 
 
 def test_partial_profile_carries_the_other_ops_over_from_base(cpu_profile, tmp_path):
