@@ -1,8 +1,9 @@
-"""Fused router top-k kernel vs softmax + topk + normalise (Triton interpreter on CPU, real sizes on GPU)."""
+"""Fused router top-k kernel vs softmax + topk + normalise, and the route plan it writes (Triton interpreter on
+CPU, real sizes on GPU)."""
 import pytest
 import torch
 
-from ttha.kernels import _backend, topk_router, topk_router_ref, topk_router_triton
+from ttha.kernels import RoutePlan, _backend, route_plan_ref, topk_router, topk_router_ref, topk_router_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
@@ -63,6 +64,37 @@ def test_dispatch_uses_kernel_when_forced_and_reference_for_large_e():
         _backend.set_backend("auto")
 
 
+def test_route_plan_ref_groups_slots_by_expert():
+    plan = route_plan_ref(torch.tensor([[2, 0], [0, 1], [2, 3]]), 5)
+    assert plan.counts.tolist() == [2, 1, 2, 1, 0] and plan.offsets.tolist() == [0, 2, 3, 5, 6, 6]
+    assert plan.order.tolist() == [1, 2, 3, 0, 4, 5]  # slot t * k + j, ascending within an expert
+    assert all(v.dtype == torch.int32 for v in (plan.counts, plan.offsets, plan.order))
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,e,k", [(1, 8, 1), (16, 8, 2), (7, 5, 3), (64, 128, 2), (33, 64, 2), (5, 3, 3), (0, 8, 2),
+                                   (200, 8, 2)])
+def test_router_kernel_writes_the_plan(t, e, k):
+    """The plan from the router's launch (one program at decode sizes; past plan_supported, (200, 8, 2), from
+    route_plan_ref on the kernel's indices) is exactly the reference plan of its indices."""
+    g = torch.Generator().manual_seed(t * e + k)
+    logits, bias = torch.randn(t, e, generator=g).to(DEV), torch.randn(e, generator=g).to(DEV)
+    w, idx, counts, plan = topk_router_triton(logits, bias, k, return_counts=True, return_plan=True)
+    ref = route_plan_ref(idx, e)
+    for name in ("counts", "offsets", "order"):
+        assert torch.equal(getattr(plan, name), getattr(ref, name)), name
+    assert torch.equal(counts, plan.counts)
+    if t:
+        torch.testing.assert_close(w, topk_router_ref(logits, bias, k)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_router_plan_on_the_torch_path():
+    logits, bias = torch.randn(9, 6), torch.randn(6)
+    w, idx, plan = topk_router(logits, bias, 2, return_plan=True)
+    assert isinstance(plan, RoutePlan) and torch.equal(plan.order, route_plan_ref(idx, 6).order)
+    assert len(topk_router(logits, bias, 2)) == 2  # the old API stays
+
+
 @pytest.mark.parametrize("args,name", [
     ((torch.randn(4, 8, 2), torch.zeros(8), 2), "logits"),
     ((torch.randint(0, 3, (4, 8)), torch.zeros(8), 2), "logits: dtype"),
@@ -82,3 +114,13 @@ def test_gpu_real_sizes(t, e, k):
     w, idx, counts = topk_router(logits, bias, k, return_counts=True)
     _check(w, idx, logits, bias, k)
     assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=e).int())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k", [(16, 8, 2), (64, 128, 2), (32, 256, 1), (4096, 64, 2)])
+def test_gpu_router_plan(t, e, k):
+    """The plan on the GPU: written by the router's launch at decode sizes, by route_plan_ref at T = 4096."""
+    logits, bias = torch.randn(t, e, device="cuda"), torch.randn(e, device="cuda")
+    _, idx, plan = topk_router(logits, bias, k, return_plan=True)
+    ref = route_plan_ref(idx, e)
+    assert all(torch.equal(getattr(plan, n), getattr(ref, n)) for n in ("counts", "offsets", "order"))
