@@ -4,7 +4,7 @@ Measures, in one run: device copy bandwidth (the roofline), fused dequant-linear
 group 128) vs torch bf16 F.linear (cuBLAS) vs FP8 torch._scaled_mm (row-wise scales, x quantized
 in the timed call) [vs gemlite when installed], NVML energy per call over >= 2 s saturated loops,
 where a captured decode call's GPU time goes (each kernel's time, torch.profiler), the fused router vs
-the torch sequence, and paced single-call rates (launch overhead).
+the torch sequence, paced single-call rates (launch overhead), and one MoE layer's decode step (bench_moe.py).
 Writes bench.csv and bench.json to --out (default $OUT or outputs/kernel_bench) and prints a table.
 Each row prints as it is measured; Ctrl-C or SIGTERM stops the run and still writes the rows measured so far.
 --ms and --shapes narrow the linear and profile tables.
@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .bench_moe import fmt_moe, run_moe
 from .tuning import (bench_us, capture, copy_bandwidth, energy_per_call_j, graph_us, kernel_us_per_call,
                      paced_calls_per_s, replay_us, rotating, timing_graph)
 
@@ -295,7 +296,7 @@ def fmt_table(rows: list) -> str:
         out.append("\npaced single calls (sync after each)")
         for r in la:
             out.append(f"{r['kernel']:>32} {r['paced_calls_per_s']:8.0f} calls/s  host {r['host_us_per_call']:.1f} us/call")
-    return "\n".join(out)
+    return "\n".join(out + fmt_moe(rows))
 
 
 def _ms(text: str) -> list[int]:
@@ -348,7 +349,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "outputs/kernel_bench")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer M and router sizes")
-    ap.add_argument("--only", default="linear,energy,profile,router,launch")
+    ap.add_argument("--only", default="linear,energy,profile,router,launch,moe")
     ap.add_argument("--ms", default=[], type=_ms,
                     help="comma-separated M values for the linear and profile tables (default: all / 1,16)")
     ap.add_argument("--shapes", default=[], type=_shapes,
@@ -369,7 +370,8 @@ def main(argv=None) -> None:
     sections = [("linear", lambda: run_linear(rows, copy_gbs, args.quick, energy="energy" in only,
                                                  ms=args.ms, shapes=args.shapes)),
                 ("profile", lambda: run_profile(rows, args.quick, args.ms, args.shapes)),
-                ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows))]
+                ("router", lambda: run_router(rows, copy_gbs, args.quick)), ("launch", lambda: run_launch(rows)),
+                ("moe", lambda: run_moe(rows, copy_gbs, args.quick))]
     previous = signal.signal(signal.SIGTERM, _sigterm)  # a killed bench (timeout, scheduler) saves what it has
     try:
         for name, fn in sections:
