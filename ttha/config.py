@@ -5,10 +5,16 @@ whose message is exactly the line a user sees ("targets.power_w=-5: must be > 0"
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -36,17 +42,32 @@ CHOICES = {
     "workload.kind": ("saturated", "paced"),
     "ttt.policy": ("always", "never", "budget"),
 }
+INTEGER = [
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.n_experts",
+    "model.top_k", "model.max_seq_len", "pretrain.steps", "pretrain.batch_size", "pretrain.seq_len",
+    "pretrain.warmup_steps", "pretrain.eval_batches", "test.n_batches", "test.batch_size", "test.seq_len",
+    "test.warmup_batches", "experts.group_size",
+]
 POSITIVE = [
     "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.n_experts", "model.top_k",
     "model.max_seq_len", "pretrain.steps", "pretrain.batch_size", "pretrain.seq_len", "pretrain.lr",
     "test.n_batches", "test.batch_size", "test.seq_len", "targets.power_w", "targets.temp_c",
-    "targets.latency_ms", "telemetry.sample_hz", "experts.group_size",
+    "targets.latency_ms", "telemetry.sample_hz", "experts.group_size", "tracking.flush_every_s",
 ]
 NON_NEGATIVE = [
     "objective.task_weight", "objective.power_weight", "objective.thermal_weight",
     "objective.latency_weight", "objective.throughput_weight", "objective.thermal_boost",
-    "pretrain.weight_decay", "pretrain.aux_loss_weight", "test.warmup_batches", "ttt.full_lr", "ttt.light_lr",
+    "pretrain.weight_decay", "pretrain.aux_loss_weight", "pretrain.warmup_steps", "pretrain.eval_batches",
+    "test.warmup_batches", "ttt.full_lr", "ttt.light_lr",
 ]
+# Keys some options of a group leave out (router=static has no adapter): checked where present.
+OPTIONAL_POSITIVE = ["router.lr", "router.max_bias", "router.loss_tokens", "router.adapter_hidden"]
+OPTIONAL_NON_NEGATIVE = ["router.cost_bias_scale", "router.balancer_alpha", "objective.thermal_threshold_c"]
+# MLflow's built-in tracking stores ('' is a local folder); network ones are checked with a short connect.
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+CONNECT_TIMEOUT_S = 3.0
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments: the least pretraining holds
 
 
 def option(node: Any, key: str, default: Any = None) -> Any:
@@ -67,7 +88,24 @@ def _number(cfg: DictConfig, key: str) -> float:
     value = _get(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, value, "must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(key, value, "must be a finite number")
     return float(value)
+
+
+def _integer(cfg: DictConfig, key: str) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, value, "must be an integer")
+    return value
+
+
+def _present(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is not None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def _check_device(value: str) -> None:
@@ -78,21 +116,44 @@ def _check_device(value: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first bad value; return None when the config is usable."""
+    """Raise ConfigError for the first bad value; return None when the config is usable.
+
+    Values first, then what they point at (files, memory, folders, servers): cheapest first, and nothing
+    is created or written."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # an ${interpolation} that does not resolve
+        raise ConfigError(err.full_key or "config", str(err.child_node), _first_line(err)) from None
+    _check_values(cfg)
+    _check_cost_model(cfg)
+    _check_memory(cfg)
+    _check_folders(cfg)
+    _check_tracking_uri(cfg)
+
+
+def _check_values(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
         if key == "device":
             _check_device(value)
         elif value not in choices:
             raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
-    for key in POSITIVE:
+    for key in INTEGER:
+        _integer(cfg, key)
+    for key in POSITIVE + [k for k in OPTIONAL_POSITIVE if _present(cfg, k)]:
         if _number(cfg, key) <= 0:
             raise ConfigError(key, _get(cfg, key), "must be > 0")
-    for key in NON_NEGATIVE:
+    for key in NON_NEGATIVE + [k for k in OPTIONAL_NON_NEGATIVE if _present(cfg, k)]:
         if _number(cfg, key) < 0:
             raise ConfigError(key, _get(cfg, key), "must be >= 0")
+    for key in ("seed", "pretrain.seed"):  # numpy takes seeds in [0, 2**32)
+        if key == "seed" or _present(cfg, key):
+            if not 0 <= _integer(cfg, key) < 2**32:
+                raise ConfigError(key, _get(cfg, key), "must be an integer in [0, 2**32)")
 
     m = cfg.model
+    if m.vocab_size < 256:
+        raise ConfigError("model.vocab_size", m.vocab_size, "must be >= 256 (the model reads bytes)")
     if m.top_k > m.n_experts:
         raise ConfigError("model.top_k", m.top_k, f"larger than model.n_experts={m.n_experts}")
     if m.d_model % m.n_heads:
@@ -118,8 +179,10 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.workload.kind == "paced" and _number(cfg, "workload.tokens_per_s") <= 0:
         raise ConfigError("workload.tokens_per_s", cfg.workload.tokens_per_s, "must be > 0")
-    if cfg.router.adaptive and _number(cfg, "router.update_every") < 1:
+    if cfg.router.adaptive and _integer(cfg, "router.update_every") < 1:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
+    if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:
+        raise ConfigError("data.test_frac", cfg.data.test_frac, "must be between 0 and 1")
 
     corpus = OmegaConf.select(cfg, "data.corpus_dir", default=None)
     if corpus is not None:
@@ -137,6 +200,131 @@ def validate(cfg: DictConfig) -> None:
     for i, name in enumerate(objectives):
         if name not in SUMMARY_METRICS:
             raise ConfigError(f"objectives[{i}]", name, f"must be one of {', '.join(SUMMARY_METRICS)}")
+
+    experiment = _get(cfg, "tracking.experiment")
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise ConfigError("tracking.experiment", experiment, "must be a non-empty name")
+    for key in ("tracking.uri", "pretrain.cache_dir", "cost_model"):  # null means the default; '' is a slip
+        if OmegaConf.select(cfg, key, default=None) == "":
+            raise ConfigError(key, "", "must not be empty (leave it out, or null, for the default)")
+
+
+def _check_cost_model(cfg: DictConfig) -> None:
+    """An explicit cost model must load and price every operation the run asks it about."""
+    from ttha import costs  # the cost-model schema lives with its reader
+
+    value = cfg.get("cost_model")
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError("cost_model", str(value), "file does not exist")
+    try:
+        tables = costs.validate_schema(json.loads(path.read_text()), "cost model")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("cost_model", str(value), f"cannot read it ({_first_line(err)})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError("cost_model", str(value), f"not valid JSON ({err})") from None
+    except ValueError as err:
+        raise ConfigError("cost_model", str(value), str(err).removeprefix("cost model: ")) from None
+    needed = [costs.expert_op(b) for b in sorted({16, *cfg.experts.bits})] + ["ttt_full", "ttt_light"]
+    missing = [op for op in needed if op not in tables]
+    if missing:
+        raise ConfigError("cost_model", str(value), f"has no ops.{missing[0]} (the run needs {', '.join(needed)})")
+
+
+def model_parameters(m: DictConfig) -> int:
+    """Parameters of the MoE LM that `model` describes (ttha.model.MoELM; embeddings tied)."""
+    d, f, e = m.d_model, m.d_ff, m.n_experts
+    per_layer = 4 * d * d + 4 * d + d * e + e * 2 * d * f  # qkv + proj, two LayerNorms, gate, experts
+    return (m.vocab_size + m.max_seq_len) * d + m.n_layers * per_layer + 2 * d
+
+
+def _memory(device: str) -> tuple[str, int | None]:
+    """(what the model would live in, its size in bytes; None when unknown)."""
+    import torch  # only here: the config schema itself needs no torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = int(device[5:]) if device.startswith("cuda:") else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            return "GPU", None  # runtime.resolve_device names the bad index
+        return torch.cuda.get_device_name(index), torch.cuda.get_device_properties(index).total_memory
+    try:
+        return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX)
+        return "RAM", None
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n < 1e12 else f"{n / 1e12:.3g} TB"
+
+
+def _check_memory(cfg: DictConfig) -> None:
+    """Refuse a model that cannot fit before anything allocates it, naming its largest dimension."""
+    m = cfg.model
+    params = model_parameters(m)
+    need = params * TRAIN_BYTES_PER_PARAM
+    where, have = _memory(str(cfg.device))
+    if have is None or need <= have:
+        return
+    key = max(("d_model", "d_ff", "n_experts", "n_layers", "max_seq_len"), key=lambda k: m[k])
+    raise ConfigError(f"model.{key}", m[key], f"a model of {params:.3g} parameters needs at least {_size(need)} "
+                      f"to pretrain ({TRAIN_BYTES_PER_PARAM} bytes each); {where}: {_size(have)}")
+
+
+def _check_writable(key: str, value: Any, path: Path) -> None:
+    """`path` is a folder this process can write in, or can be created: its nearest existing ancestor is."""
+    p = path.expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(key, value, f"{p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(key, value, f"{p} is not writable")
+
+
+def _check_folders(cfg: DictConfig) -> None:
+    from ttha.paths import outputs_root
+
+    root = outputs_root()
+    _check_writable("paths.outputs", OmegaConf.select(cfg, "paths.outputs", default=str(root)), root)
+    cache = OmegaConf.select(cfg, "pretrain.cache_dir", default=None)
+    if cache is not None:
+        _check_writable("pretrain.cache_dir", str(cache), Path(str(cache)))
+
+
+def _check_tracking_uri(cfg: DictConfig) -> None:
+    """A tracking URI MLflow can open: a known scheme, a writable local store, a server that answers."""
+    uri = OmegaConf.select(cfg, "tracking.uri", default=None)
+    if uri is None:
+        return  # the default store, under the outputs root (checked above)
+    uri = str(uri)
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError("tracking.uri", uri, f"unknown scheme {parsed.scheme!r}: use sqlite:///path.db, a folder, "
+                          "http(s)://host:port or a database URL")
+    if scheme == "sqlite":
+        db = uri.split("://", 1)[1].removeprefix("/")
+        if not db or db == ":memory:":
+            raise ConfigError("tracking.uri", uri, "needs a file: sqlite:///path/to/mlflow.db")
+        db_path = Path(db).expanduser()
+        if db_path.exists() and (not db_path.is_file() or not os.access(db_path, os.W_OK)):
+            raise ConfigError("tracking.uri", uri, f"{db_path} is not a writable file")
+        _check_writable("tracking.uri", uri, db_path.parent)
+    elif scheme in ("", "file"):
+        _check_writable("tracking.uri", uri, Path(parsed.path if scheme else uri))
+    elif scheme in DEFAULT_PORTS:
+        host = parsed.hostname or "localhost"
+        try:
+            port = parsed.port or DEFAULT_PORTS[scheme]
+        except ValueError:
+            raise ConfigError("tracking.uri", uri, "the port is not a number") from None
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            raise ConfigError("tracking.uri", uri, f"cannot connect to {host}:{port} ({reason})") from None
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

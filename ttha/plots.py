@@ -13,6 +13,12 @@ def _col(rows: list[dict], key: str) -> list[float]:
     return [r.get(key, float("nan")) for r in rows]
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend when the axes has labelled lines (a static router logs no loss terms: none to show)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def telemetry_timeline(rows: list[dict], targets: dict, path: Path) -> Path:
     """Power and temperature per step, with their targets, and the TTT mode."""
     steps = _col(rows, "step")
@@ -20,11 +26,11 @@ def telemetry_timeline(rows: list[dict], targets: dict, path: Path) -> Path:
     ax_p.plot(steps, _col(rows, "telemetry/power_w"), label="power")
     ax_p.axhline(targets["power_w"], color="r", ls="--", label=f"target {targets['power_w']:.0f} W")
     ax_p.set_ylabel("power [W]")
-    ax_p.legend(loc="upper right")
+    _legend(ax_p, loc="upper right")
     ax_t.plot(steps, _col(rows, "telemetry/temp_c"), color="tab:orange", label="temperature")
     ax_t.axhline(targets["temp_c"], color="r", ls="--", label=f"target {targets['temp_c']:.0f} °C")
     ax_t.set_ylabel("temperature [°C]")
-    ax_t.legend(loc="upper right")
+    _legend(ax_t, loc="upper right")
     ax_m.step(steps, _col(rows, "ttt/mode"), where="post", color="tab:green")
     ax_m.set_yticks([0, 1, 2], ["skip", "light", "full"])
     ax_m.set_ylabel("TTT")
@@ -45,7 +51,7 @@ def expert_usage(rows: list[dict], expert_bits: list[int], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("test batch")
     ax.set_ylabel("share of routed tokens")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    _legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -61,7 +67,7 @@ def loss_terms(rows: list[dict], path: Path) -> Path:
             ax.plot(*zip(*pts), label=key.split("/")[1])
     ax.set_xlabel("test batch")
     ax.set_ylabel("loss term")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,9 +9,11 @@ import argparse
 import csv
 import math
 import statistics
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-from ttha import tracking
+from ttha import paths, tracking
 
 DEFAULT_METRICS = ("eval/energy_per_token_j", "eval/mean_power_w", "eval/max_temp_c",
                    "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac", "eval/perplexity",
@@ -56,6 +58,17 @@ def write_csv(rows: list[dict], group_by: list[str], metrics: list[str], path: P
     return path
 
 
+def with_params(runs: list[dict], keys: list[str]) -> tuple[list[dict], int]:
+    """The runs that have every param in `keys`, and how many do not (a sweep's parent run has none)."""
+    kept = [r for r in runs if all(k in r["params"] for k in keys)]
+    return kept, len(runs) - len(kept)
+
+
+def fail(line: str) -> NoReturn:
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: outputs/mlflow.db, as train.py)")
@@ -64,11 +77,21 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     ap.add_argument("--csv", default=None, help="also write the table here")
     args = ap.parse_args(argv)
-    uri = args.uri or tracking.default_uri()
+    # the default store's path without tracking.default_uri(), which creates its folder: a report writes nothing
+    uri = args.uri or f"sqlite:///{paths.outputs_root().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        fail(f"--uri={uri}: no MLflow store there (run train.py first, or pass --uri)")
     group_by, metrics = args.group_by.split(","), args.metrics.split(",")
-    runs = tracking.finished_runs(uri, args.experiment)
+    try:
+        runs = tracking.finished_runs(uri, args.experiment)
+    except ValueError as err:  # no such experiment
+        fail(str(err))
+    runs, skipped = with_params(runs, group_by)
+    if skipped:
+        print(f"skipped {skipped} run(s) without param(s) {args.group_by} (a sweep's parent run has none)",
+              file=sys.stderr)
     if not runs:
-        raise SystemExit(f"no FINISHED runs in experiment {args.experiment!r} at {uri}")
+        fail(f"--experiment={args.experiment}: no FINISHED runs with params {args.group_by} at {uri}")
     rows = summarise(runs, group_by, metrics)
     text = markdown(rows, group_by, metrics)
     print(text)

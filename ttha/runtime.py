@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ttha import kernels
+from ttha.kernels._backend import interpreting
 from ttha.config import ConfigError
 
 
@@ -24,9 +25,12 @@ def resolve_device(name) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", name, "CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError("device", name, "not a torch device (auto | cpu | cuda | cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -36,7 +40,10 @@ def seed_everything(seed: int) -> None:
 
 
 def set_kernel_backend(choice: str) -> str:
-    """The one switch between Triton kernels and torch references."""
+    """The one switch between Triton kernels and torch references. Forcing Triton needs CUDA, or Triton's CPU
+    interpreter (TRITON_INTERPRET=1): without either the torch references would run under its name."""
+    if choice == "triton" and not (torch.cuda.is_available() or interpreting()):
+        raise ConfigError("kernels", choice, "needs CUDA (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
     try:
         kernels.set_backend(choice)
     except ValueError as err:
@@ -52,8 +59,16 @@ def limit_host_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the process; cleanup treats it as Ctrl-C. The exit code is 128 + signum."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum} ({signal.Signals(signum).name})")
+
+
 def _sigterm_to_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+    raise Interrupted(signum)
 
 
 def install_signal_handlers() -> bool:

@@ -146,6 +146,7 @@ class Tracker:
         if exc is None:
             self.end("FINISHED")
         elif isinstance(exc, KeyboardInterrupt):
+            exc.run_id = self.run_id  # train.py names the killed run in its one-line message
             self.end("KILLED", exc)
         else:
             self.end("FAILED", exc)

@@ -64,7 +64,10 @@ def make_storage(url: str, launch_dir: Path) -> tuple[Any, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}), url
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url
+    except Exception as err:  # an unknown dialect, a missing driver, a server that does not answer
+        raise SweepConfigError(K + "storage", _masked(url), str(err).splitlines()[0]) from None
 
 
 def _masked(url: str) -> str:

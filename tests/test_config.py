@@ -1,0 +1,33 @@
+"""ttha.config.validate: every numeric key finite, every count an integer, the model's size known before it
+is built."""
+import pytest
+
+from ttha import config
+from ttha.config import ConfigError
+from ttha.model import MoELM
+
+
+@pytest.mark.parametrize("key", config.POSITIVE + config.NON_NEGATIVE)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_numeric_key_must_be_finite(compose_cfg, key, value):
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg(f"{key}={value}"))
+    expected = "must be an integer" if key in config.INTEGER else "must be a finite number"
+    assert (err.value.key, err.value.problem) == (key, expected)
+
+
+@pytest.mark.parametrize("key", config.INTEGER)
+def test_every_integer_key_refuses_a_fraction(compose_cfg, key):
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg(f"{key}=2.5"))
+    assert (err.value.key, err.value.problem) == (key, "must be an integer")
+
+
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_model_parameters_counts_what_moelm_builds(compose_cfg, model):
+    m = compose_cfg(f"model={model}").model
+    assert config.model_parameters(m) == sum(p.numel() for p in MoELM(m).parameters())
+
+
+def test_the_default_config_is_valid(cfg):
+    config.validate(cfg)
