@@ -1,4 +1,5 @@
-"""KernelCostModel: schema, interpolation in log batch size, extrapolation, the shipped estimates."""
+"""KernelCostModel: schema, interpolation in log batch size, extrapolation, the shipped estimates, the decode
+section and its reader (decode_cost)."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from ttha import costs
-from ttha.costs import KernelCostModel, expert_op
+from ttha.costs import Cost, KernelCostModel, decode_op, expert_op
 
 BS = [1, 4, 16, 64]
 
@@ -60,7 +61,8 @@ def test_unknown_op_lists_known_ops_and_bad_batch():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema_version=2), "schema_version=2"),
+    (lambda d: d.update(schema_version=3), "schema_version=3"),
+    (lambda d: d.update(schema_version=True), "schema_version=True"),
     (lambda d: d.pop("gpu"), "gpu=None"),
     (lambda d: d.update(estimated="yes"), "estimated='yes'"),
     (lambda d: d.update(ops={}), "ops is empty"),
@@ -134,3 +136,93 @@ def test_shipped_estimate_is_the_documented_roofline():
     c = m.get_cost("expert_16bit", 4096)
     assert 200 < c.energy_j / (c.latency_ms / 1e3) < 700
     assert not math.isnan(m.get_cost("ttt_full", 10_000).latency_ms)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode section (schema 2): the grouped MoE op per precision and routed-token count m on one expert
+def decode_file(energy=True, **ops_override):
+    """A small synthetic profile: the op costs 0.010 ms with no token routed; int2 then +0.010 at m = 1,
+    +0.012 at 2, +0.016 at 4; 16-bit +0.060 at 1, +0.064 at 4."""
+    ops = {"moe_decode_int2": {"tokens": [0, 1, 2, 4], "latency_ms": [0.010, 0.020, 0.022, 0.026],
+                               "energy_j": [0.001, 0.003, 0.0032, 0.0036] if energy else None},
+           "moe_decode_16bit": {"tokens": [0, 1, 4], "latency_ms": [0.010, 0.070, 0.074],
+                                "energy_j": [0.001, 0.013, 0.0134] if energy else None}}
+    ops.update(ops_override)
+    data = table([1, 2, 3, 4], [1, 1, 1, 1])
+    data["ops"]["expert_int4"] = {"batch_sizes": [1, 16], "latency_ms": [0.5, 0.9], "energy_j": [0.05, 0.09]}
+    return {**data, "schema_version": 2, "decode": {"shape": {"d_model": 8, "d_ff": 16, "n_experts": 3}, "ops": ops}}
+
+
+def test_decode_cost_is_what_one_expert_adds_over_none_routed(tmp_path):
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(decode_file()))
+    m = KernelCostModel.load(path)
+    assert m.has_decode_table(2) and m.has_decode_table(16) and not m.has_decode_table(4)
+    assert m.decode_cost(2, 0) == Cost(0.0, 0.0) and m.decode_cost(16, 0) == Cost(0.0, 0.0)  # never read
+    for tokens, lat, energy in ((1, 0.010, 0.002), (2, 0.012, 0.0022), (4, 0.016, 0.0026)):
+        c = m.decode_cost(2, tokens)
+        assert c.latency_ms == pytest.approx(lat) and c.energy_j == pytest.approx(energy)
+    assert m.decode_cost(2, 3).latency_ms == pytest.approx(0.014)  # linear in m between the measured counts
+    assert m.decode_cost(2, 0.5).latency_ms == pytest.approx(0.005)
+    assert m.decode_cost(2, 8).latency_ms == pytest.approx(0.016 + 4 * 0.002)  # along the last slope beyond
+    assert m.decode_cost(16, 2).latency_ms == pytest.approx(0.060 + 0.004 / 3)
+    assert m.decode_cost(16, 1).energy_j == pytest.approx(0.012)
+    # precision ranks as the bytes an activated expert reads
+    assert m.decode_cost(16, 1).latency_ms > m.decode_cost(2, 1).latency_ms
+
+
+def test_decode_cost_without_a_decode_table_answers_from_the_per_expert_op():
+    m = KernelCostModel(decode_file())
+    assert m.decode_cost(4, 16) == m.get_cost("expert_int4", 16)  # int4 was not measured in decode
+    assert m.decode_cost(4, 0) == Cost(0.0, 0.0)
+    no_energy = KernelCostModel(decode_file(energy=False))
+    assert no_energy.decode_cost(2, 0) == Cost(0.0, None) and no_energy.decode_cost(2, 2).energy_j is None
+    with pytest.raises(ValueError, match="tokens=-1"):
+        m.decode_cost(2, -1)
+    with pytest.raises(ValueError, match="tokens=nan"):
+        m.decode_cost(2, float("nan"))
+    with pytest.raises(ValueError, match="bits=3"):
+        m.decode_cost(3, 1)
+
+
+def test_files_without_a_decode_section_still_load_and_answer_decode_costs():
+    for path in (costs.DEFAULT_PATH, costs.ESTIMATE_PATH):  # the measured H100 file is schema 1
+        m = KernelCostModel.load(path)
+        assert not any(m.has_decode_table(b) for b in (16, 4, 2))
+        assert m.decode_cost(2, 4) == m.get_cost(expert_op(2), 4) and m.decode_cost(2, 0) == Cost(0.0, 0.0)
+    assert json.loads(costs.DEFAULT_PATH.read_text())["schema_version"] == 1
+
+
+def test_decode_op_names():
+    assert [decode_op(b) for b in (16, 4, 2)] == ["moe_decode_16bit", "moe_decode_int4", "moe_decode_int2"]
+    with pytest.raises(ValueError, match="bits=8"):
+        decode_op(8)  # the grouped kernels take 16-bit, int4 and int2 experts
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(schema_version=1), "decode: needs schema_version 2"),
+    (lambda d: d["decode"].pop("shape"), "decode: expected an object with shape and ops"),
+    (lambda d: d["decode"].update(ops={}), r"decode.ops=\{\}"),
+    (lambda d: d["decode"]["ops"].update(moe_decode_int3={}), "decode.ops.moe_decode_int3: unknown decode op"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].update(tokens=[1, 2, 3, 4]), "must start at 0"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].update(tokens=[0, 2, 2, 4]), "must start at 0 .* increase"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].update(tokens=[0, 1.5, 2, 4]), "integers >= 0"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].update(latency_ms=[1, 2]),
+     r"moe_decode_int2.latency_ms: expected a list of 4 numbers \(one per token count\)"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].update(energy_j=[0, -1, 0, 0]), "-1 is not a finite number"),
+    (lambda d: d["decode"]["ops"]["moe_decode_int2"].pop("energy_j"), "energy_j: missing"),
+])
+def test_wrong_decode_section_is_a_clear_value_error(mutate, message):
+    data = decode_file()
+    mutate(data)
+    with pytest.raises(ValueError, match=message):
+        KernelCostModel(data)
+
+
+def test_a_decode_only_profile_is_a_cost_model():
+    data = decode_file()
+    data["ops"] = {}
+    assert KernelCostModel(data).decode_cost(2, 1).latency_ms == pytest.approx(0.010)
+    data.pop("decode")
+    with pytest.raises(ValueError, match="ops is empty"):
+        KernelCostModel(data)

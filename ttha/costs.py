@@ -6,16 +6,27 @@ the file measured on the GPU this process runs on (cost_models/<gpu-name>.json u
 written by profile_kernels.py) or the shipped default ttha/resources/cost_model_h100.json, measured on an
 H100 with profile_kernels.py (CUDA events, NVML energy net of idle).
 
+Decode (schema 2): a decode step reads an expert's weights once if the router gives it any token and not at all
+if it gets none, so the step's cost is set by which experts are activated. `decode_cost(bits, m)` is what one
+expert of `bits` bits adds to the grouped MoE decode op (ttha.kernels.moe_decode) when it serves m of the step's
+routed tokens: 0 at m = 0. profile_kernels.py measures it (the `decode` section); a file without that section
+answers from the per-expert op instead (expert_<bits> on m tokens).
+
 ttha/resources/cost_model_estimate.json holds roofline ESTIMATES for an H100 (bytes moved and FLOPs per
 operation, `estimate_h100`), marked "estimated": true; tests use it where they need quantized experts to
 be the cheap ones. Regenerate it with `python -m ttha.costs`.
 
-Schema (version 1):
-    {"schema_version": 1, "gpu": str, "estimated": bool, "source": str, "note": str (optional),
+Schema (version 2; version 1 is the same without `decode`, and still loads):
+    {"schema_version": 2, "gpu": str, "estimated": bool, "source": str, "note": str (optional),
      "shape": {"d_model": int, "d_ff": int, ...},
      "ops": {op: {"batch_sizes": [int, ...] (increasing, > 0),
                   "latency_ms": [number, ...] (one per batch size),
-                  "energy_j": [number, ...] or null (unknown, e.g. profiled on a CPU)}}}
+                  "energy_j": [number, ...] or null (unknown, e.g. profiled on a CPU)}},
+     "decode": (optional) {"shape": {"d_model": int, "d_ff": int, "n_experts": int, ...},
+                "ops": {"moe_decode_16bit" | "moe_decode_int4" | "moe_decode_int2":
+                        {"tokens": [0, int, ...] (routed tokens m on the one expert: from 0, increasing),
+                         "latency_ms": [number, ...] (the whole grouped op, one per m),
+                         "energy_j": [number, ...] or null}}}}
 """
 from __future__ import annotations
 
@@ -32,11 +43,13 @@ from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)  # 2 adds the optional decode section
 RESOURCES = Path(__file__).resolve().parent / "resources"
 DEFAULT_PATH = RESOURCES / "cost_model_h100.json"  # measured (profile_kernels.py on an H100)
 ESTIMATE_PATH = RESOURCES / "cost_model_estimate.json"  # roofline estimates (python -m ttha.costs)
 EXPERT_OPS = {16: "expert_16bit", 8: "expert_fp8", 4: "expert_int4", 2: "expert_int2"}
+DECODE_OPS = {16: "moe_decode_16bit", 4: "moe_decode_int4", 2: "moe_decode_int2"}  # the grouped kernel's precisions
 
 
 class Cost(NamedTuple):
@@ -50,6 +63,14 @@ def expert_op(bits: int) -> str:
         return EXPERT_OPS[int(bits)]
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"bits={bits!r}: must be one of {', '.join(map(str, sorted(EXPERT_OPS)))}") from None
+
+
+def decode_op(bits: int) -> str:
+    """Op name of the grouped MoE decode op measured for one expert of `bits` bits (the decode section)."""
+    try:
+        return DECODE_OPS[int(bits)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"bits={bits!r}: must be one of {', '.join(map(str, sorted(DECODE_OPS)))}") from None
 
 
 def gpu_file_name(gpu_name: str) -> str:
@@ -66,12 +87,12 @@ def _current_gpu_name() -> str | None:
         return None
 
 
-def _numbers(where: str, value: Any, n: int, allow_null: bool) -> list[float] | None:
+def _numbers(where: str, value: Any, n: int, allow_null: bool, per: str = "batch size") -> list[float] | None:
     if value is None and allow_null:
         return None
     if not isinstance(value, list) or len(value) != n:
         got = f"{len(value)} values" if isinstance(value, list) else type(value).__name__
-        raise ValueError(f"{where}: expected a list of {n} numbers (one per batch size), got {got}")
+        raise ValueError(f"{where}: expected a list of {n} numbers (one per {per}), got {got}")
     if allow_null and all(v is None for v in value):
         return None
     for v in value:
@@ -81,16 +102,18 @@ def _numbers(where: str, value: Any, n: int, allow_null: bool) -> list[float] | 
 
 
 def validate_schema(data: Any, where: str = "cost model") -> dict[str, dict[str, list[float] | None]]:
-    """Check `data` against schema version 1; return {op: {batch_sizes, latency_ms, energy_j}}.
-    Raises ValueError naming the offending field."""
+    """Check `data` against the schema (version 1 or 2, the decode section included); return
+    {op: {batch_sizes, latency_ms, energy_j}}. Raises ValueError naming the offending field."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{where}: schema_version={data.get('schema_version')!r}: expected {SCHEMA_VERSION}")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        raise ValueError(f"{where}: schema_version={version!r}: expected one of "
+                         f"{', '.join(map(str, SCHEMA_VERSIONS))}")
     for key, kind in (("gpu", str), ("estimated", bool), ("source", str), ("shape", dict), ("ops", dict)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{where}: {key}={data.get(key)!r}: expected a {kind.__name__}")
-    if not data["ops"]:
+    if not data["ops"] and not data.get("decode"):
         raise ValueError(f"{where}: ops is empty")
     tables = {}
     for op, entry in data["ops"].items():
@@ -108,7 +131,51 @@ def validate_schema(data: Any, where: str = "cost model") -> dict[str, dict[str,
         tables[op] = {"batch_sizes": [float(b) for b in bs],
                       "latency_ms": _numbers(f"{w}.latency_ms", entry.get("latency_ms"), len(bs), False),
                       "energy_j": _numbers(f"{w}.energy_j", entry["energy_j"], len(bs), True)}
+    validate_decode(data, where)
     return tables
+
+
+def validate_decode(data: dict, where: str = "cost model") -> dict[int, dict[str, list[float] | None]]:
+    """Check the optional decode section; return {bits: {tokens, latency_ms, energy_j}} ({} without one)."""
+    section = data.get("decode")
+    if section is None:
+        return {}
+    if data.get("schema_version") == 1:
+        raise ValueError(f"{where}: decode: needs schema_version 2")
+    if not isinstance(section, dict) or not isinstance(section.get("shape"), dict):
+        raise ValueError(f"{where}: decode: expected an object with shape and ops")
+    ops = section.get("ops")
+    if not isinstance(ops, dict) or not ops:
+        raise ValueError(f"{where}: decode.ops={ops!r}: expected a non-empty object")
+    bits_of = {op: bits for bits, op in DECODE_OPS.items()}
+    tables = {}
+    for op, entry in ops.items():
+        w = f"{where}: decode.ops.{op}"
+        if op not in bits_of:
+            raise ValueError(f"{w}: unknown decode op; known: {', '.join(DECODE_OPS.values())}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{w}: expected an object with tokens, latency_ms, energy_j")
+        m = entry.get("tokens")
+        if (not isinstance(m, list) or len(m) < 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in m)):
+            raise ValueError(f"{w}.tokens={m!r}: expected a list of >= 2 integers >= 0")
+        if m[0] != 0 or any(b <= a for a, b in zip(m, m[1:])):
+            raise ValueError(f"{w}.tokens={m!r}: must start at 0 (no token on the expert) and increase")
+        if "energy_j" not in entry:
+            raise ValueError(f"{w}.energy_j: missing (write null when unknown)")
+        tables[bits_of[op]] = {"tokens": [float(v) for v in m],
+                               "latency_ms": _numbers(f"{w}.latency_ms", entry.get("latency_ms"), len(m), False,
+                                                      "token count"),
+                               "energy_j": _numbers(f"{w}.energy_j", entry["energy_j"], len(m), True, "token count")}
+    return tables
+
+
+def _interp_linear(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise linear in x; beyond the last point along the last segment's slope, never decreasing."""
+    if x >= xs[-1]:
+        return ys[-1] + max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0) * (x - xs[-1])
+    i = bisect.bisect_right(xs, x) - 1
+    return ys[i] + (x - xs[i]) / (xs[i + 1] - xs[i]) * (ys[i + 1] - ys[i])
 
 
 def _interp(xs: list[float], ys: list[float], x: float) -> float:
@@ -129,6 +196,7 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 class KernelCostModel:
     def __init__(self, data: dict, source: str = "dict"):
         self._tables = validate_schema(data, source)
+        self._decode = validate_decode(data, source)
         self.data = data
         self.source = source  # which file (kind:path), logged as the run's `cost_model` tag
         self.gpu: str = data["gpu"]
@@ -184,6 +252,31 @@ class KernelCostModel:
         x = float(batch_size)
         energy = None if t["energy_j"] is None else _interp(t["batch_sizes"], t["energy_j"], x)
         return Cost(_interp(t["batch_sizes"], t["latency_ms"], x), energy)
+
+    def has_decode_table(self, bits: int) -> bool:
+        """Whether the grouped decode op was measured for experts of `bits` bits (else decode_cost answers
+        from the per-expert op)."""
+        return bits in self._decode
+
+    def decode_cost(self, bits: int, tokens: float) -> Cost:
+        """What one expert of `bits` bits adds to a decode step's grouped MoE op when it serves `tokens`
+        routed tokens, over the same op with none on it: nothing at 0 tokens (its weights are not read).
+        Linear in tokens between the measured counts, along the last slope beyond them. Without a measured
+        table for `bits`: the per-expert op (expert_<bits>) on `tokens` tokens."""
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not tokens >= 0 or math.isinf(tokens):
+            raise ValueError(f"tokens={tokens!r}: must be a finite number >= 0")
+        t = self._decode.get(bits)
+        if t is None:
+            if tokens == 0:
+                known = self._table(expert_op(bits))["energy_j"] is not None
+                return Cost(0.0, 0.0 if known else None)
+            return self.get_cost(expert_op(bits), tokens)
+        x = float(tokens)
+
+        def over_none(ys):  # the op's cost with no token on the expert is paid whatever the routing
+            return 0.0 if x == 0 else max(0.0, _interp_linear(t["tokens"], ys, x) - ys[0])
+        energy = None if t["energy_j"] is None else over_none(t["energy_j"])
+        return Cost(over_none(t["latency_ms"]), energy)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(self.data))
