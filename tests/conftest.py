@@ -21,7 +21,7 @@ def _compose(*overrides: str, config_name: str = "config", hydra: bool = False) 
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a plain function: module-scoped fixtures may use it too
 def compose_cfg() -> Callable[..., DictConfig]:
     """compose_cfg(*overrides, config_name="config", hydra=False): a config as train.py (or, with
     config_name="profile", profile_kernels.py) composes it, without running anything; hydra=True keeps
