@@ -2,6 +2,7 @@
 
   ops      which operations exist (experts per precision and path, router, TTHA update, TTT) and how
            each is built for a batch size and called
+  decode   the grouped MoE decode op per expert precision and routed-token count (the decode section)
   measure  latency per call, NVML energy per call over a counter-aligned window, idle power; `profile`
            runs every op at every batch size into the cost-model dict
   report   the cost-model JSON, torch.profiler traces parsed back into it, plot, table, MLflow run
@@ -19,7 +20,7 @@ import torch
 from ttha import costs
 from ttha.config import option
 from ttha.paths import launch_dir, outputs_root
-from ttha.profiler import config, measure, ops, report
+from ttha.profiler import config, decode, measure, ops, report
 from ttha.runtime import limit_host_threads, resolve_device, set_kernel_backend
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,20 @@ def run(cfg: Any) -> tuple[Path, dict]:
     ttt_model = config.ttt_model(cfg, shape)
     rotate_bytes = int(option(cfg, "rotate_bytes", 256 << 20))
     ctx = ops.Context(device, ops.serving_dtype(device), shape, ttt_model, rotate_bytes)
-    templates = config.pick_ops(ops.operation_templates(ctx), option(cfg, "ops", "all"))
+    decode_tokens = config.check_decode_tokens(option(cfg, "decode_tokens"), shape)
+    templates, decode_templates = config.pick_ops(
+        ops.operation_templates(ctx), option(cfg, "ops", "all"),
+        {t.name: t for t in decode.decode_templates(ctx)})
+    # a busy shared CPU times erratically with spinning threads
+    threads = int(option(cfg, "cpu_threads")) if device.type == "cpu" and option(cfg, "cpu_threads") else None
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and option(cfg, "cpu_threads") is not None:
-        torch.set_num_threads(int(option(cfg, "cpu_threads")))  # a busy shared CPU times erratically with spinning threads
-    try:
+    with measure.host_threads(threads):
         data = measure.profile(templates, batch_sizes, device, warmup=warmup, repeats=repeats,
-                               energy_window_s=window, idle_s=idle_s, progress=bool(option(cfg, "progress", True)))
-    finally:
-        torch.set_num_threads(threads)
+                               energy_window_s=window, idle_s=idle_s, progress=bool(option(cfg, "progress", True)),
+                               decode=decode_templates, decode_tokens=decode_tokens)
     data["shape"] = {**shape, "size": size, "ttt_model": config.plain(ttt_model)}
+    if "decode" in data:
+        data["decode"] = {"shape": decode.decode_shape(shape), "method": decode.METHOD, **data["decode"]}
     data["kernels_backend"] = kernels_choice
     if base is not None:
         report.carry_over(data, base)
@@ -65,8 +69,9 @@ def run(cfg: Any) -> tuple[Path, dict]:
 
     trace_cfg = option(cfg, "trace", {})
     if bool(option(trace_cfg, "save", False)):
-        trace = report.save_trace(templates, batch_sizes, device, path.with_name(path.stem + ".trace.json"),
-                                  int(option(trace_cfg, "repeats", 5)))
+        with measure.host_threads(threads):
+            trace = report.save_trace(templates, batch_sizes, device, path.with_name(path.stem + ".trace.json"),
+                                      int(option(trace_cfg, "repeats", 5)))
         parsed = path.with_name(path.stem + ".from_trace.json")
         artifacts += [report.write_json(parsed, report.parse_trace(trace, data["gpu"], data["shape"]))]
     report.track(cfg, data, artifacts)

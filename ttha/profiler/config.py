@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from ttha import costs
 from ttha.config import ConfigError, option
 from ttha.paths import launch_dir
+from ttha.profiler.decode import DecodeTemplate
 from ttha.profiler.measure import device_name
 from ttha.profiler.ops import OpTemplate
 
@@ -52,10 +53,32 @@ def resolve_size(cfg: Any, device: torch.device) -> tuple[str, dict]:
     if shape is None:
         raise ConfigError(f"sizes.{size}", None, "missing")
     shape = dict(plain(shape))
-    for key in ("d_model", "d_ff", "n_experts", "top_k", "ttt_seq_len"):
-        if not isinstance(shape.get(key), int) or shape[key] < 1:
+    for key in ("d_model", "d_ff", "n_experts", "top_k", "ttt_seq_len", "decode_batch"):
+        if isinstance(shape.get(key), bool) or not isinstance(shape.get(key), int) or shape[key] < 1:
             raise ConfigError(f"sizes.{size}.{key}", shape.get(key), "expected an integer >= 1")
+    for key in ("decode_d_model", "decode_d_ff"):  # null: the size's d_model / d_ff
+        value = shape.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16
+                                  or value % 16):
+            raise ConfigError(f"sizes.{size}.{key}", value, "expected null or a multiple of 16 (the kernels' tile)")
+    if shape["top_k"] > shape["n_experts"]:
+        raise ConfigError(f"sizes.{size}.top_k", shape["top_k"], f"must be <= n_experts ({shape['n_experts']})")
     return size, shape
+
+
+def check_decode_tokens(value: Any, shape: dict) -> list[int]:
+    """Routed-token counts m the decode ops are measured at: null = 0, 1, ... decode_batch x top_k (a step's
+    slots); else a strictly increasing list from 0 up to that."""
+    slots = shape["decode_batch"] * shape["top_k"]
+    if value is None:
+        return list(range(slots + 1))
+    tokens = list(plain(value)) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else None
+    if (not tokens or len(tokens) < 2 or any(isinstance(m, bool) or not isinstance(m, int) for m in tokens)
+            or tokens[0] != 0 or any(b <= a for a, b in zip(tokens, tokens[1:])) or tokens[-1] > slots):
+        raise ConfigError("decode_tokens", plain(value),
+                          f"expected null or a strictly increasing list of integers from 0 to at most {slots} "
+                          f"(decode_batch x top_k)")
+    return tokens
 
 
 def energy_settings(cfg: Any, device: torch.device) -> tuple[float | None, float]:
@@ -102,11 +125,14 @@ def ttt_model(cfg: Any, shape: dict) -> Any:
     return OmegaConf.create(plain(choice))  # MoELM reads attributes
 
 
-def pick_ops(templates: dict[str, OpTemplate], wanted: Any) -> dict[str, OpTemplate]:
-    """The templates `ops` names (all of them for `all`)."""
+def pick_ops(templates: dict[str, OpTemplate], wanted: Any, decode: dict[str, DecodeTemplate] | None = None
+             ) -> tuple[dict[str, OpTemplate], dict[str, DecodeTemplate]]:
+    """(op templates, decode templates) that `ops` names (all of them for `all`)."""
+    decode = decode or {}
     if wanted == "all":
-        return templates
-    unknown = [o for o in wanted if o not in templates]
+        return templates, decode
+    known = {**templates, **decode}
+    unknown = [o for o in wanted if o not in known]
     if unknown:
-        raise ConfigError("ops", list(wanted), f"unknown {unknown}; known: {', '.join(templates)}")
-    return {o: templates[o] for o in wanted}
+        raise ConfigError("ops", list(wanted), f"unknown {unknown}; known: {', '.join(known)}")
+    return ({o: templates[o] for o in wanted if o in templates}, {o: decode[o] for o in wanted if o in decode})

@@ -6,11 +6,13 @@
            meanwhile); gross = J per call, net = gross - idle_w x time per call, idle_w measured in the
            same run with the GPU idle. energy_j (what the router reads) = net, as in the shipped
            estimates. On a CPU: energy null.
-`profile` measures every op at every batch size into the cost-model dict (schema 1 of ttha.costs plus
-energy_j_gross / energy_j_net / power_w per op and the run's metadata: idle_w, gpu, driver, versions).
+`profile` measures every op at every batch size into the cost-model dict (the schema of ttha.costs plus
+energy_j_gross / energy_j_net / power_w per op and the run's metadata: idle_w, gpu, driver, versions), and the
+grouped decode op (decode.py) at every routed-token count into its decode section, with the same meter and idle.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -23,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ttha import costs
+from ttha.profiler.decode import DecodeTemplate
 from ttha.profiler.ops import Fn, OpTemplate
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,18 @@ PROFILE_VERSION = 1
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def host_threads(n: int | None):
+    """torch's host threads set to `n` inside (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def latency_ms(fn: Fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -163,10 +178,31 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine() or 'unknown'}"
 
 
+def _measure_decode(op: DecodeTemplate, tokens: list[int], device: torch.device, warmup: int, repeats: int,
+                    meter: EnergyMeter | None, window_s: float | None, idle_w: float | None) -> dict:
+    """The decode op at every routed-token count: latency and energy per decode step (a call may run several:
+    a CUDA graph of steps)."""
+    lat, gross, net, power = [], [], [], []
+    steps = 1
+    for m in tokens:
+        fn, steps = op.build(m)
+        lat.append(latency_ms(fn, device, warmup, repeats) / steps)
+        if meter is not None:
+            e = energy_per_call(fn, meter, device, window_s, lat[-1] * steps, idle_w)
+            gross.append(e["gross"] / steps)
+            net.append(e["net"] / steps)
+            power.append(e["power_w"])
+        del fn
+    return {"bits": op.bits, "tokens": list(tokens), "latency_ms": lat, "energy_j": net if meter else None,
+            "energy_j_gross": gross if meter else None, "power_w": power if meter else None, "path": op.path,
+            "steps_per_call": steps}
+
+
 def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: torch.device, *, warmup: int,
-            repeats: int, energy_window_s: float | None, idle_s: float = 2.0,
-            progress: bool = True) -> dict:
-    """Measure every template at every batch size; returns the cost-model dict (schema 1 + extras).
+            repeats: int, energy_window_s: float | None, idle_s: float = 2.0, progress: bool = True,
+            decode: dict[str, DecodeTemplate] | None = None, decode_tokens: list[int] | None = None) -> dict:
+    """Measure every template at every batch size, and every decode template at every count in decode_tokens;
+    returns the cost-model dict (schema + extras; its decode section without the shape, which the caller knows).
     energy_window_s None = latency only (energy null)."""
     t_start = time.perf_counter()
     meter = EnergyMeter(device) if energy_window_s is not None else None
@@ -177,9 +213,17 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
             meta["idle_w"] = idle_power_w(meter, idle_s, device)
             log.info("idle power %.1f W", meta["idle_w"])
         ops: dict[str, dict] = {}
-        bar = tqdm(templates.values(), desc="profiling", unit="op", disable=not progress)
+        decode_ops: dict[str, dict] = {}
+        bar = tqdm([*templates.values(), *(decode or {}).values()], desc="profiling", unit="op",
+                   disable=not progress)
         for op in bar:
             bar.set_postfix_str(op.name, refresh=False)
+            if isinstance(op, DecodeTemplate):
+                t_op = time.perf_counter()
+                decode_ops[op.name] = _measure_decode(op, decode_tokens, device, warmup, repeats, meter,
+                                                      energy_window_s, meta["idle_w"])
+                decode_ops[op.name]["seconds"] = time.perf_counter() - t_op
+                continue
             t_op = time.perf_counter()
             lat, gross, net, power, window_ms = [], [], [], [], []
             for b in batch_sizes:
@@ -202,7 +246,7 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
     finally:
         if meter is not None:
             meter.close()
-    return {
+    data = {
         "schema_version": costs.SCHEMA_VERSION, "gpu": gpu, "estimated": False,
         "source": "profile_kernels.py (ttha.profiler)",
         "note": ("latency_ms: median of CUDA-event-timed calls (perf_counter on a CPU); energy_j: NVML "
@@ -217,3 +261,6 @@ def profile(templates: dict[str, OpTemplate], batch_sizes: list[int], device: to
         "profile_seconds": time.perf_counter() - t_start,
         "ops": ops,
     }
+    if decode_ops:
+        data["decode"] = {"ops": decode_ops}
+    return data

@@ -24,10 +24,19 @@ def write_json(path: Path, data: dict) -> Path:
 
 
 def carry_over(data: dict, base: costs.KernelCostModel) -> list[str]:
-    """Copy into `data` the ops of `base` that `data` lacks; record which, and from where."""
+    """Copy into `data` the ops of `base` that `data` lacks, decode ops included where both measured the same
+    decode shape (or `data` none); record which, and from where."""
     carried = [op for op in base.ops if op not in data["ops"]]
     for op in carried:
         data["ops"][op] = base.data["ops"][op]
+    base_decode = base.data.get("decode")
+    if base_decode:
+        ours = data.setdefault("decode", {"shape": base_decode["shape"], "method": base_decode.get("method"),
+                                          "ops": {}})
+        if ours["shape"] == base_decode["shape"]:
+            extra = [op for op in base_decode["ops"] if op not in ours["ops"]]
+            ours["ops"].update({op: base_decode["ops"][op] for op in extra})
+            carried += extra
     data["carried_over"] = {"from": base.source, "created": base.data.get("created"), "ops": carried}
     return carried
 
@@ -134,25 +143,47 @@ def plot(data: dict, path: str | Path) -> Path:
     return path
 
 
+def aligned(rows: list[list[str]], gap: int = 2) -> list[str]:
+    """Rows of cells as text columns: the first left-aligned, the others right-aligned, each as wide as its
+    widest cell and `gap` spaces apart, so no two values ever run together whatever their size."""
+    width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    return [(" " * gap).join(c.ljust(width[i]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r)).rstrip()
+            for r in rows]
+
+
 def table(data: dict) -> str:
-    """Text table: per op and batch, latency (ms, us/token) and net energy (J, mJ/token)."""
-    lines = [f"{data['gpu']}  idle {data['idle_w']:.1f} W" if data.get("idle_w") is not None else data["gpu"],
-             f"{'op':<24}{'batch':>7}{'lat ms':>11}{'us/tok':>10}{'E net J':>11}{'mJ/tok':>10}{'E gross J':>11}"]
+    """Text table: per op and batch, latency (ms, us/token) and net energy (J, mJ/token); then per decode op and
+    routed-token count m, the grouped op's latency and energy and what the expert adds over m = 0."""
+    title = f"{data['gpu']}  idle {data['idle_w']:.1f} W" if data.get("idle_w") is not None else data["gpu"]
+    rows = [["op", "batch", "lat ms", "us/tok", "E net J", "mJ/tok", "E gross J"]]
     for op, e in data["ops"].items():
         for i, b in enumerate(e["batch_sizes"]):
             lat = e["latency_ms"][i]
-            row = f"{op:<24}{b:>7}{lat:>11.4f}{1e3 * lat / b:>10.3f}"
+            row = [op, str(b), f"{lat:.4f}", f"{1e3 * lat / b:.3f}"]
             if e.get("energy_j") is not None:
                 gross = (e.get("energy_j_gross") or e["energy_j"])[i]
-                row += f"{e['energy_j'][i]:>11.5f}{1e3 * e['energy_j'][i] / b:>10.4f}{gross:>11.5f}"
-            lines.append(row)
+                row += [f"{e['energy_j'][i]:.5f}", f"{1e3 * e['energy_j'][i] / b:.4f}", f"{gross:.5f}"]
+            rows.append(row)
+    lines = [title, *aligned(rows)]
+    decode = (data.get("decode") or {}).get("ops") or {}
+    if decode:
+        rows = [["decode op", "m", "lat ms", "+us over m=0", "E net mJ", "+mJ over m=0"]]
+        for op, e in decode.items():
+            for i, m in enumerate(e["tokens"]):
+                lat = e["latency_ms"][i]
+                row = [op, str(m), f"{lat:.4f}", f"{1e3 * (lat - e['latency_ms'][0]):.2f}"]
+                if e.get("energy_j") is not None:
+                    row += [f"{1e3 * e['energy_j'][i]:.4f}", f"{1e3 * (e['energy_j'][i] - e['energy_j'][0]):.4f}"]
+                rows.append(row)
+        lines += ["", *aligned(rows)]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
 # MLflow
 def summary_metrics(data: dict) -> dict[str, float]:
-    """Flat metrics for MLflow: latency/<op>/b<batch> (ms), energy/<op>/b<batch> (J, net)."""
+    """Flat metrics for MLflow: latency_ms/<op>/b<batch>, energy_j/<op>/b<batch> (net); for decode ops
+    latency_ms/<op>/m<tokens>, energy_j/<op>/m<tokens>."""
     out = {"profile/seconds": float(data["profile_seconds"])}
     if data.get("idle_w") is not None:
         out["profile/idle_w"] = float(data["idle_w"])
@@ -161,6 +192,11 @@ def summary_metrics(data: dict) -> dict[str, float]:
             out[f"latency_ms/{op}/b{b}"] = float(entry["latency_ms"][i])
             if entry.get("energy_j") is not None:
                 out[f"energy_j/{op}/b{b}"] = float(entry["energy_j"][i])
+    for op, entry in ((data.get("decode") or {}).get("ops") or {}).items():
+        for i, m in enumerate(entry["tokens"]):
+            out[f"latency_ms/{op}/m{m}"] = float(entry["latency_ms"][i])
+            if entry.get("energy_j") is not None:
+                out[f"energy_j/{op}/m{m}"] = float(entry["energy_j"][i])
     return out
 
 
