@@ -1,60 +1,179 @@
-"""Pretraining: the tiny model really learns, the cache is keyed by what changes the weights, data splits."""
+"""Pretraining: the tiny model really learns; its cache is keyed by what changes the weights, never runs code,
+rebuilds a damaged entry with one warning, and is built once by concurrent runs of one key."""
+import json
+import logging
+import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from ttha import data, model as model_mod, pretrain
+from ttha import cache, model as model_mod, pretrain
+from ttha.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+# A model and a pretraining small enough that building a cache entry is cheap.
+SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.n_experts=2",
+         "model.top_k=1", "model.max_seq_len=32", "pretrain.steps=2", "pretrain.warmup_steps=1",
+         "pretrain.batch_size=2", "pretrain.seq_len=16", "pretrain.eval_batches=1"]
 
 
-def _cfg(cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"pretrain.cache_dir={cache}", *overrides])
+@pytest.fixture
+def small(compose_cfg, tmp_path):
+    """A small model's config, its corpus a few text files, its cache under tmp_path/cache."""
+    for pkg in ("a", "b", "c"):
+        (tmp_path / "texts" / pkg).mkdir(parents=True)
+        (tmp_path / "texts" / pkg / "m.txt").write_text(f"{pkg} = {pkg!r} * 3\n" * 40)
+    return compose_cfg(*SMALL, f"data.corpus_dir={tmp_path / 'texts'}", f"pretrain.cache_dir={tmp_path / 'cache'}")
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _damage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "damaged" in r.getMessage()]
 
 
 @pytest.mark.slow
-def test_default_tiny_model_beats_half_the_unigram_perplexity_and_is_cached(tmp_path):
-    cfg = _cfg(tmp_path)  # the default run's model and pretraining (what `python train.py` trains)
-    model, info = pretrain.load_or_train(cfg, torch.device("cpu"))
+def test_default_tiny_model_beats_half_the_unigram_perplexity_and_is_cached(compose_cfg, tmp_path):
+    cfg = compose_cfg(f"pretrain.cache_dir={tmp_path}")  # the default run's model and pretraining
+    model, info = pretrain.load_or_train(cfg, CPU)
     assert not info["cached"]
     assert info["test_perplexity"] <= 0.5 * info["unigram_perplexity"], info
-    again, info2 = pretrain.load_or_train(cfg, torch.device("cpu"))
+    again, info2 = pretrain.load_or_train(cfg, CPU)
     assert info2["cached"] and info2["cache_path"] == info["cache_path"]
     assert info2["test_perplexity"] == info["test_perplexity"]
-    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
-        assert torch.equal(a, b)
+    assert _same_weights(model, again)
 
 
-def test_cache_key_follows_what_changes_the_weights(tmp_path):
-    base = pretrain.cache_key(_cfg(tmp_path))
-    assert pretrain.cache_key(_cfg(tmp_path, "pretrain.steps=7")) != base
-    assert pretrain.cache_key(_cfg(tmp_path, "model.d_model=64")) != base
-    assert pretrain.cache_key(_cfg(tmp_path, "seed=3")) != base
-    # a fixed pretrain.seed shares one pretrained model across serving seeds
-    assert pretrain.cache_key(_cfg(tmp_path, "seed=3", "pretrain.seed=0")) == base
+def test_cache_key_follows_what_changes_the_weights(compose_cfg, tmp_path):
+    def key(*overrides):
+        return pretrain.cache_key(compose_cfg(f"pretrain.cache_dir={tmp_path}", *overrides))
+
+    base = key()
+    assert key("pretrain.steps=7") != base
+    assert key("model.d_model=64") != base
+    assert key("seed=3") != base
+    assert key("seed=3", "pretrain.seed=0") == base  # a fixed pretrain.seed shares one model across seeds
     # serving choices and where the cache lives do not retrain
-    assert pretrain.cache_key(_cfg(tmp_path / "elsewhere", "experts=int2", "router=static",
-                                   "model.dtype=bf16")) == base
+    assert key(f"pretrain.cache_dir={tmp_path / 'elsewhere'}", "experts=int2", "router=static",
+               "model.dtype=bf16") == base
 
 
-def test_corpus_split_is_by_module_deterministic_and_shifted(tmp_path):
-    for pkg, text in (("alpha", "a = 1\n" * 50), ("beta", "b = 2\n" * 50), ("gamma", "c = 3\n" * 50),
-                      ("delta", "d = 4\n" * 50)):
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "mod.txt").write_text(text)
-    cfg = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path}").data
-    c1, c2 = data.load_corpus(cfg), data.load_corpus(cfg)
-    assert torch.equal(c1.train, c2.train) and torch.equal(c1.test, c2.test)
-    train_mods = {Path(f).parent.name for f in c1.train_files}
-    test_mods = {Path(f).parent.name for f in c1.test_files}
-    assert test_mods and train_mods and not train_mods & test_mods  # whole modules held out
-    assert data.unigram_perplexity(torch.tensor([65, 66] * 100, dtype=torch.uint8)) == pytest.approx(2.0)
+def test_cache_is_safetensors_with_a_checked_json_and_loads_the_same_model(small, tmp_path):
+    model, info = pretrain.load_or_train(small, CPU)
+    stem = tmp_path / "cache" / f"moe-{pretrain.cache_key(small)}"
+    assert info["cache_path"] == str(stem) + ".safetensors" and not info["cached"]
+    record = json.loads(Path(f"{stem}.json").read_text())
+    assert len(record["sha256"]) == 64 and record["meta"]["info"]["test_perplexity"] == info["test_perplexity"]
+    assert not list((tmp_path / "cache").glob("*.pt"))  # no pickle written anywhere
+    again, info2 = pretrain.load_or_train(small, CPU)
+    assert info2["cached"] and _same_weights(model, again)
+    assert again.head.weight.data_ptr() == again.tok.weight.data_ptr()  # tied embeddings stay tied
 
 
-def test_quantized_experts_cost_quality_in_proportion_to_bits(tmp_path):
+def test_a_crafted_pickle_in_the_cache_never_runs(small, tmp_path):
+    """A .pt whose unpickling calls os.system, where the old cache (and a careless loader) would read it."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    stem = tmp_path / "cache" / f"moe-{pretrain.cache_key(small)}"
+    stem.parent.mkdir(parents=True)
+    for path in (Path(f"{stem}.pt"), cache.tensors_path(stem)):
+        torch.save({"model": Payload(), "info": Payload()}, path)
+    model, info = pretrain.load_or_train(small, CPU)
+    assert not marker.exists()
+    assert not info["cached"] and isinstance(model, model_mod.MoELM)  # rebuilt instead
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_start(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[:16] = b"\xff" * 16
+    path.write_bytes(bytes(raw))
+
+
+def _garble_middle(path: Path) -> None:
+    """Flip bytes inside the weights: the file still parses, only its hash tells."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0x5A for b in raw[mid:mid + 64])
+    path.write_bytes(bytes(raw))
+
+
+def _nan_perplexity(path: Path) -> None:
+    meta = Path(str(path).replace(".safetensors", ".json"))
+    record = json.loads(meta.read_text())
+    record["meta"]["info"]["test_perplexity"] = float("nan")
+    meta.write_text(json.dumps(record))
+
+
+def _garble_json(path: Path) -> None:
+    Path(str(path).replace(".safetensors", ".json")).write_text('{"format": 1, "sha2')
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble_start, _garble_middle, _nan_perplexity, _garble_json])
+def test_a_damaged_cache_is_rebuilt_with_one_warning(small, damage, caplog):
+    model, info = pretrain.load_or_train(small, CPU)
+    damage(Path(info["cache_path"]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rebuilt, info2 = pretrain.load_or_train(small, CPU)
+    assert len(_damage_lines(caplog)) == 1, caplog.text
+    assert not info2["cached"] and info2["test_perplexity"] == info["test_perplexity"]
+    assert _same_weights(model, rebuilt)  # same seed, same model
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, info3 = pretrain.load_or_train(small, CPU)
+    assert info3["cached"] and not _damage_lines(caplog)  # the rebuilt entry is good
+
+
+def test_a_diverged_pretraining_is_refused_and_not_cached(small, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "evaluate", lambda *a, **k: float("nan"))
+    with pytest.raises(ConfigError, match="pretrain.lr=.*diverged"):
+        pretrain.load_or_train(small, CPU)
+    assert not list((tmp_path / "cache").glob("moe-*.json"))
+
+
+def test_concurrent_runs_of_one_key_pretrain_once(small, monkeypatch):
+    """Four callers at once: one trains, the others wait on the entry's lock and load its result."""
+    real_train, trained, started = pretrain.train, [], threading.Barrier(4)
+
+    def train(*args, **kwargs):
+        trained.append(threading.get_ident())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train", train)
+    results, errors = [], []
+
+    def run():
+        started.wait()
+        try:
+            results.append(pretrain.load_or_train(small, CPU))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    assert len(trained) == 1
+    assert sorted(info["cached"] for _, info in results) == [False, True, True, True]
+    first = results[0][0]
+    assert all(_same_weights(first, m) for m, _ in results[1:])
+
+
+def test_quantized_experts_cost_quality_in_proportion_to_bits():
     """Post-training quantization of a trained-like expert: 2-bit errs more than 4-bit, which errs more
     than fp8; the module output tracks the dequantized reference."""
     torch.manual_seed(0)
@@ -67,18 +186,3 @@ def test_quantized_experts_cost_quality_in_proportion_to_bits(tmp_path):
             expert = model_mod.make_expert(dense, bits, 32)
             err[bits] = float((expert(x) - ref).norm() / ref.norm())
     assert 0 < err[8] < err[4] < err[2] < 1.0, err
-
-
-def test_corpus_is_cached_by_its_config(tmp_path):
-    (tmp_path / "texts" / "a").mkdir(parents=True)
-    (tmp_path / "texts" / "b").mkdir()
-    (tmp_path / "texts" / "a" / "x.txt").write_text("alpha " * 300)
-    (tmp_path / "texts" / "b" / "y.txt").write_text("beta " * 300)
-    cfg = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}")
-    first = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
-    (cached,) = (tmp_path / "cache").glob("corpus-*.pt")
-    again = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
-    assert torch.equal(first.train, again.train) and first.test_files == again.test_files
-    other = _cfg(tmp_path / "cache", f"data.corpus_dir={tmp_path / 'texts'}", "data.seed=5")
-    other = data.cached_corpus(other.data, pretrain.cache_dir(other))
-    assert len(list((tmp_path / "cache").glob("corpus-*.pt"))) == 2 and other.train.numel() > 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import sysconfig
@@ -20,6 +19,7 @@ from typing import Iterator
 import torch
 from omegaconf import OmegaConf
 
+from ttha import cache
 from ttha.config import ConfigError
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -89,26 +89,27 @@ def load_corpus(cfg) -> Corpus:
                   [str(f) for f in train_files], [str(f) for f in test_files])
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: parallel trials never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def cached_corpus(cfg, cache_dir: Path) -> Corpus:
-    """load_corpus(cfg), cached in cache_dir under a hash of the config: every sweep trial reads the corpus,
-    and loading the cached tensors is far cheaper than reading and splitting the files again."""
+    """load_corpus(cfg), cached in cache_dir under a hash of the config (ttha.cache: safetensors + a checked JSON;
+    a damaged entry is rebuilt): every sweep trial reads the corpus, and loading the cached tensors is far
+    cheaper than reading and splitting the files again."""
     payload = {"data": OmegaConf.to_container(cfg, resolve=True), "root": str(corpus_root(cfg)),
                "python": sys.version}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"corpus-{key}.pt"
-    if path.exists():
-        return Corpus(**torch.load(path, weights_only=False))
-    corpus = load_corpus(cfg)
-    save_atomic(vars(corpus), path)
-    return corpus
+
+    def build() -> tuple[dict, dict]:
+        corpus = load_corpus(cfg)
+        return ({"train": corpus.train, "test": corpus.test},
+                {"train_files": corpus.train_files, "test_files": corpus.test_files, "config": payload})
+
+    def check(tensors: dict, meta: dict) -> None:
+        if set(tensors) != {"train", "test"} or any(t.dtype != torch.uint8 or t.dim() != 1 for t in tensors.values()):
+            raise cache.Damaged("not a corpus split")
+        if meta.get("config") != payload:
+            raise cache.Damaged("built for another config")
+
+    tensors, meta, _ = cache.get_or_build(Path(cache_dir) / f"corpus-{key}", build, "corpus", check)
+    return Corpus(tensors["train"], tensors["test"], list(meta["train_files"]), list(meta["test_files"]))
 
 
 def stream_batches(stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int) -> Iterator[torch.Tensor]:

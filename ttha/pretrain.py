@@ -1,7 +1,7 @@
 """16-bit pretraining of the MoE LM, cached by a hash of its (model, data, pretrain) config.
 
-Sweep trials share one checkpoint: the first trains and writes it atomically (tmp + rename),
-the others load it.
+Sweep trials and concurrent runs share one checkpoint (ttha.cache): the first trains it and writes it as
+safetensors with a checked JSON beside it, the others wait for it on a file lock and load it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ttha import data
+from ttha import cache, data
+from ttha.config import ConfigError
 from ttha.model import MoELM
 from ttha.paths import outputs_root
 
@@ -109,26 +110,45 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
 
 
 def load_or_train(cfg, device: torch.device, corpus: data.Corpus | None = None) -> tuple[MoELM, dict]:
-    """The pretrained 16-bit model on `device` in the serving dtype, and what is known about it."""
+    """The pretrained 16-bit model on `device` in the serving dtype, and what is known about it.
+
+    Cached by cache_key (ttha.cache: safetensors weights, a JSON of the config and metrics with their sha256,
+    a file lock so that concurrent runs of one key pretrain once); a damaged entry, or one whose test perplexity
+    is not finite, is rebuilt."""
     t0 = time.perf_counter()
-    path = cache_dir(cfg) / f"moe-{cache_key(cfg)}.pt"
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = MoELM(cfg.model)
-        model.load_state_dict(state["model"])
-        info = dict(state["info"], cached=True)
-        log.info("pretrained model loaded from cache %s", path)
-    else:  # only training reads the corpus
+    key = cache_key(cfg)
+    stem = cache_dir(cfg) / f"moe-{key}"
+
+    def build() -> tuple[dict, dict]:
+        nonlocal corpus
         corpus = corpus if corpus is not None else data.cached_corpus(cfg.data, cache_dir(cfg))
         model, final_loss = train(cfg, corpus, device)
         b = min(int(cfg.pretrain.batch_size), 16)
-        s = int(cfg.pretrain.seq_len)
         info = {"final_loss": final_loss,
-                "test_perplexity": evaluate(model, corpus.test, b, s, int(cfg.pretrain.eval_batches), device),
+                "test_perplexity": evaluate(model, corpus.test, b, int(cfg.pretrain.seq_len),
+                                            int(cfg.pretrain.eval_batches), device),
                 "unigram_perplexity": data.unigram_perplexity(corpus.test)}
-        model = model.cpu()
-        data.save_atomic({"model": model.state_dict(), "info": info}, path)
-        info = dict(info, cached=False)
+        if not math.isfinite(info["test_perplexity"]):  # a diverged model is never cached, nor served
+            raise ConfigError("pretrain.lr", cfg.pretrain.lr,
+                              f"pretraining diverged (test perplexity {info['test_perplexity']}); lower it")
+        return model.state_dict(), {"key": key, "info": info}
+
+    def check(state: dict, meta: dict) -> None:
+        info = meta.get("info")
+        if meta.get("key") != key or not isinstance(info, dict):
+            raise cache.Damaged("metadata of another model")
+        if not all(isinstance(info.get(k), (int, float)) and math.isfinite(info[k])
+                   for k in ("final_loss", "test_perplexity", "unigram_perplexity")):
+            raise cache.Damaged(f"test perplexity {info.get('test_perplexity')} is not finite")
+
+    state, meta, cached = cache.get_or_build(stem, build, "pretraining", check)
+    model = MoELM(cfg.model)
+    model.load_state_dict(state)
+    info = dict(meta["info"], cached=cached)
+    path = cache.tensors_path(stem)
+    if cached:
+        log.info("pretrained model loaded from cache %s", path)
+    else:
         log.info("pretrained model cached at %s (test ppl %.2f, byte-unigram ppl %.2f)", path,
                  info["test_perplexity"], info["unigram_perplexity"])
     model = model.to(device=device, dtype=model_dtype(cfg.model.dtype, device))
