@@ -5,7 +5,8 @@ call's GPU time is measured without the host's launch path and without L2 servin
 time (do_bench), copy bandwidth, energy per call (NVML), paced call rates and each kernel's time in a graph.
 
 Tuning: a decode chain (x rearranged, the main kernel, any split-K reduction) is tuned as it is served, the whole
-chain timed per config, the fastest kept in memory and on disk. Triton's autotuner times the main kernel alone,
+chain timed per config, the fastest kept in memory and on disk; an entry read from disk is used only if it is a config
+of the current tuning space, else the chain is tuned again. Triton's autotuner times the main kernel alone,
 and its pick is not the chain's: the x-prep kernel overlaps the main kernel's start under programmatic dependent
 launch, and how much depends on the tile. The cache file is $TTHA_CHAIN_CACHE, else ~/.cache/ttha/chain_configs.json;
 entries are keyed by GPU name, kernel, weight layout (tiles of TILE_ROWS rows), whether split-K partials may be
@@ -189,17 +190,29 @@ def _write_disk(key: str, config: dict) -> None:
         log.warning("decode-chain config not saved to %s: %s", path, exc)
 
 
+def _same_config(stored, config: dict) -> bool:
+    """Whether a config read from disk is `config`: the same keys, values and value types (JSON's 64.0 or true are
+    not the space's 64 or 1)."""
+    return (isinstance(stored, dict) and stored.keys() == config.keys()
+            and all(type(stored[k]) is type(v) and stored[k] == v for k, v in config.items()))
+
+
 def best_config(key: str, configs: Iterable[dict], time_us: Callable[[dict], float]) -> dict | None:
-    """The config for `key`: remembered, read from the cache file, or else the one of `configs` whose chain
-    time_us(config) timed fastest (configs that fail to compile or launch are skipped; `configs` is iterated only
-    then, so a generator defers building the space). None under CUDA graph capture when `key` was never tuned
-    (timing cannot run inside a capture) or when every config failed."""
+    """The config for `key`: remembered, read from the cache file if it is one of `configs` (same keys, values and
+    value types), or else the one of `configs` whose chain time_us(config) timed fastest (configs that fail to
+    compile or launch are skipped). `configs` is iterated only then, not for a remembered key, so a generator
+    defers building the space. None under CUDA graph capture when `key` has no valid tuned config (timing cannot
+    run inside a capture) or when every config failed."""
     if key in _MEMO:
         return _MEMO[key]
-    stored = _read_disk().get(key)
-    if isinstance(stored, dict):
-        _MEMO[key] = stored
-        return stored
+    disk = _read_disk()
+    if key in disk:  # checked against the space before use: the file is anyone's to edit or damage
+        configs = list(configs)
+        if any(_same_config(disk[key], c) for c in configs):
+            _MEMO[key] = disk[key]
+            return disk[key]
+        log.warning("decode-chain cache %s: %s = %.200r is not a config of its tuning space: tuning again",
+                    cache_path(), key, disk[key])
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
     timed = []

@@ -30,12 +30,13 @@ def test_picks_the_fastest_chain_and_keeps_it_on_disk(cache):
     assert tuning.best_config("H100|gemv|28672|8192|4", CONFIGS, time_us) == CONFIGS[1]
     assert timed == [64, 128, 32]  # every config timed once
     assert json.loads(cache.read_text()) == {"H100|gemv|28672|8192|4": CONFIGS[1]}
-    # a new process (empty memo) reads the file and times nothing
+    # a new process (empty memo) reads the file, checks the entry against the space and times nothing
     tuning._MEMO.clear()
     never = lambda cfg: pytest.fail("timed again")  # noqa: E731
+    assert tuning.best_config("H100|gemv|28672|8192|4", iter(CONFIGS), never) == CONFIGS[1]
 
-    def space():  # the caller's lazily built config space: not built when the key is known
-        pytest.fail("config space built for a stored key")
+    def space():  # the caller's lazily built config space: not built when the key is remembered
+        pytest.fail("config space built for a remembered key")
         yield
 
     assert tuning.best_config("H100|gemv|28672|8192|4", space(), never) == CONFIGS[1]
@@ -78,3 +79,36 @@ def test_a_corrupt_or_unwritable_cache_does_not_stop_the_call(cache, monkeypatch
     monkeypatch.setenv("TTHA_CHAIN_CACHE", "/proc/no/such/dir/chain.json")  # cannot be created
     assert tuning.best_config("k5", CONFIGS, lambda c: TIMES[c["BN"]]) == CONFIGS[1]
     assert tuning._MEMO["k5"] == CONFIGS[1]  # still remembered for this process
+
+
+@pytest.mark.parametrize("entry", [
+    {"BLOCK_N": "banana"},                                    # not a key of the space
+    {"BN": "banana", "SPLIT_K": 2, "num_warps": 8},           # a value of the wrong type
+    {"BN": 128.0, "SPLIT_K": 2, "num_warps": 8},              # JSON's float for an int
+    {"BN": 96, "SPLIT_K": 2, "num_warps": 8},                 # well formed, not in the space
+    {"BN": 128, "SPLIT_K": 2, "num_warps": 8, "ADD": True},   # an extra key
+    {"BN": 128, "SPLIT_K": 2},                                # a key missing
+    [128, 2, 8], "BN=128", None,                              # not a config at all
+])
+def test_a_stored_entry_outside_the_space_is_tuned_again(cache, entry, caplog):
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"k6": entry, "other": CONFIGS[0]}))
+    timed = []
+
+    def time_us(cfg):
+        timed.append(cfg["BN"])
+        return TIMES[cfg["BN"]]
+
+    with caplog.at_level("WARNING", logger="ttha.kernels"):
+        assert tuning.best_config("k6", CONFIGS, time_us) == CONFIGS[1]
+    assert timed == [64, 128, 32]
+    assert any("k6" in r.getMessage() and "tuning again" in r.getMessage() for r in caplog.records)
+    assert json.loads(cache.read_text()) == {"k6": CONFIGS[1], "other": CONFIGS[0]}  # replaced, others kept
+
+
+def test_an_invalid_entry_is_not_used_inside_a_capture(cache, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"k7": {"BLOCK_N": "banana"}}))
+    assert tuning.best_config("k7", CONFIGS, lambda cfg: pytest.fail("timed during a capture")) is None
