@@ -40,10 +40,11 @@ def run(cfg: Any) -> tuple[Path, dict]:
     ttt_model = config.ttt_model(cfg, shape)
     rotate_bytes = int(option(cfg, "rotate_bytes", 256 << 20))
     ctx = ops.Context(device, ops.serving_dtype(device), shape, ttt_model, rotate_bytes)
-    decode_tokens = config.check_decode_tokens(option(cfg, "decode_tokens"), shape)
+    decode_shape = config.decode_shape(cfg, size, shape)
+    decode_tokens = config.check_decode_tokens(option(cfg, "decode_tokens"), decode_shape)
     templates, decode_templates = config.pick_ops(
         ops.operation_templates(ctx), option(cfg, "ops", "all"),
-        {t.name: t for t in decode.decode_templates(ctx)})
+        {t.name: t for t in decode.decode_templates(ctx, decode_shape)})
     # a busy shared CPU times erratically with spinning threads
     threads = int(option(cfg, "cpu_threads")) if device.type == "cpu" and option(cfg, "cpu_threads") else None
 
@@ -53,7 +54,7 @@ def run(cfg: Any) -> tuple[Path, dict]:
                                decode=decode_templates, decode_tokens=decode_tokens)
     data["shape"] = {**shape, "size": size, "ttt_model": config.plain(ttt_model)}
     if "decode" in data:
-        data["decode"] = {"shape": decode.decode_shape(shape), "method": decode.METHOD, **data["decode"]}
+        data["decode"] = {"shape": decode_shape, "method": decode.METHOD, **data["decode"]}
     data["kernels_backend"] = kernels_choice
     if base is not None:
         report.carry_over(data, base)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from ttha import costs
 from ttha.config import ConfigError, option
 from ttha.paths import launch_dir
+from ttha.profiler import decode
 from ttha.profiler.decode import DecodeTemplate
 from ttha.profiler.measure import device_name
 from ttha.profiler.ops import OpTemplate
@@ -56,20 +57,34 @@ def resolve_size(cfg: Any, device: torch.device) -> tuple[str, dict]:
     for key in ("d_model", "d_ff", "n_experts", "top_k", "ttt_seq_len", "decode_batch"):
         if isinstance(shape.get(key), bool) or not isinstance(shape.get(key), int) or shape[key] < 1:
             raise ConfigError(f"sizes.{size}.{key}", shape.get(key), "expected an integer >= 1")
-    for key in ("decode_d_model", "decode_d_ff"):  # null: the size's d_model / d_ff
-        value = shape.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16
-                                  or value % 16):
-            raise ConfigError(f"sizes.{size}.{key}", value, "expected null or a multiple of 16 (the kernels' tile)")
     if shape["top_k"] > shape["n_experts"]:
         raise ConfigError(f"sizes.{size}.top_k", shape["top_k"], f"must be <= n_experts ({shape['n_experts']})")
     return size, shape
 
 
+def decode_shape(cfg: Any, size: str, shape: dict) -> dict:
+    """The layer the decode ops measure: the experts of the model shape.decode_model names (one of cfg.models,
+    the model served in decode), or of the size itself when null."""
+    choice = shape.get("decode_model")
+    model = None
+    if choice is not None:
+        models = option(cfg, "models", {})
+        if str(choice) not in models:
+            raise ConfigError(f"sizes.{size}.decode_model", choice,
+                              f"must be null or one of {', '.join(models) or '(no models composed)'}")
+        model = dict(plain(models[str(choice)]))
+    s = decode.decode_shape(shape, model)
+    for key in ("d_model", "d_ff"):  # the grouped kernels' smallest tile; whole quantization groups
+        if s[key] % 16 or s[key] % s["group_size"]:
+            raise ConfigError(f"sizes.{size}.decode_model", choice,
+                              f"its {key}={s[key]} must be a multiple of 16 and of group_size={s['group_size']}")
+    return s
+
+
 def check_decode_tokens(value: Any, shape: dict) -> list[int]:
     """Routed-token counts m the decode ops are measured at: null = 0, 1, ... decode_batch x top_k (a step's
-    slots); else a strictly increasing list from 0 up to that."""
-    slots = shape["decode_batch"] * shape["top_k"]
+    slots, `shape` from decode_shape); else a strictly increasing list from 0 up to that."""
+    slots = shape["slots"]
     if value is None:
         return list(range(slots + 1))
     tokens = list(plain(value)) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,14 +41,14 @@ class DecodeTemplate:
     build: Callable[[int], tuple[Fn, int]]  # routed tokens m -> (one call, decode steps that call runs)
 
 
-def decode_shape(shape: dict) -> dict:
-    """The decode layer's shape from a size of conf/profile.yaml (decode_d_model / decode_d_ff null = the
-    size's d_model / d_ff)."""
-    return {"d_model": int(shape.get("decode_d_model") or shape["d_model"]),
-            "d_ff": int(shape.get("decode_d_ff") or shape["d_ff"]), "n_experts": int(shape["n_experts"]),
-            "top_k": int(shape["top_k"]), "batch": int(shape["decode_batch"]),
-            "slots": int(shape["decode_batch"]) * int(shape["top_k"]), "group_size": int(shape.get("group_size", 64)),
-            "bits": [PRECISIONS[i % len(PRECISIONS)] for i in range(int(shape["n_experts"]))]}
+def decode_shape(shape: dict, model: Any = None) -> dict:
+    """The decode layer: the experts of `model` (a model config: the one served in decode), else of the size
+    of conf/profile.yaml; decode_batch streams a step, the size's group_size."""
+    dims = model if model is not None else shape
+    n, k, batch = int(dims["n_experts"]), int(dims["top_k"]), int(shape["decode_batch"])
+    return {"model": None if model is None else str(model.get("name")), "d_model": int(dims["d_model"]),
+            "d_ff": int(dims["d_ff"]), "n_experts": n, "top_k": k, "batch": batch, "slots": batch * k,
+            "group_size": int(shape.get("group_size", 64)), "bits": [PRECISIONS[i % len(PRECISIONS)] for i in range(n)]}
 
 
 def _layer(ctx: Context, s: dict) -> kernels.GroupedExperts:
@@ -78,9 +78,8 @@ def _copies(ctx: Context, layer: kernels.GroupedExperts, experts: list[int]) -> 
     return 1 if ctx.rotate_bytes <= 0 else max(1, min(MAX_COPIES, -(-ctx.rotate_bytes // max(1, nbytes))))
 
 
-def decode_templates(ctx: Context) -> list[DecodeTemplate]:
-    """One template per precision of the grouped kernels (costs.DECODE_OPS)."""
-    s = decode_shape(ctx.shape)
+def decode_templates(ctx: Context, s: dict) -> list[DecodeTemplate]:
+    """One template per precision of the grouped kernels (costs.DECODE_OPS), for the layer `s` (decode_shape)."""
     dev, slots, n = ctx.device, s["slots"], s["n_experts"]
 
     def layers(count: int) -> list[kernels.GroupedExperts]:

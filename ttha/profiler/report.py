@@ -110,13 +110,15 @@ def parse_trace(path: str | Path, gpu: str | None = None, shape: dict | None = N
 
 # ---------------------------------------------------------------------------------------------------
 def plot(data: dict, path: str | Path) -> Path:
-    """Latency and energy per token vs batch size per expert op, log-log."""
+    """Latency and energy per token vs batch size per expert op, log-log; with a decode section, a third panel:
+    the latency one expert adds to the decode op vs the tokens routed to it, per precision."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; set only when a plot is drawn, not on import
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    decode = (data.get("decode") or {}).get("ops") or {}
+    fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(16 if decode else 11, 4.2))
     experts = {k: v for k, v in data["ops"].items() if k.startswith("expert_")}
     for name, entry in sorted(experts.items()):
         b = entry["batch_sizes"]
@@ -131,9 +133,18 @@ def plot(data: dict, path: str | Path) -> Path:
                     xlabel="batch (tokens)", ylabel="mJ / token", xscale="log", yscale="log")
         axes[1].legend(fontsize=8)
     else:
-        axes[1].text(0.5, 0.5, "no energy counter (profiled on a CPU)", ha="center", va="center")
+        axes[1].text(0.5, 0.5, "no energy measured (a CPU, or no expert ops)", ha="center", va="center")
         axes[1].set_axis_off()
-    axes[0].legend(fontsize=8)
+    if experts:  # a legend without labelled lines only warns
+        axes[0].legend(fontsize=8)
+    for name, entry in sorted(decode.items()):
+        lat = entry["latency_ms"]
+        axes[2].plot(entry["tokens"], [1e3 * (v - lat[0]) for v in lat], marker="o", label=name)
+    if decode:
+        shape = data["decode"].get("shape", {})
+        axes[2].set(title=f"decode: one expert's cost, {shape.get('d_model')} x {shape.get('d_ff')}",
+                    xlabel="tokens routed to it (m)", ylabel="µs added over m = 0")
+        axes[2].legend(fontsize=8)
     fig.suptitle(f"{data['gpu']} — d_model={data['shape'].get('d_model')}, d_ff={data['shape'].get('d_ff')}")
     fig.tight_layout()
     path = Path(path)
