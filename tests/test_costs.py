@@ -226,3 +226,20 @@ def test_a_decode_only_profile_is_a_cost_model():
     data.pop("decode")
     with pytest.raises(ValueError, match="ops is empty"):
         KernelCostModel(data)
+
+
+def test_load_picks_the_shipped_file_measured_on_this_kind_of_gpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    default = KernelCostModel(table([1, 2, 3, 4])).save(resources / "cost_model_h100.json")
+    h200 = {**decode_file(), "gpu": "NVIDIA H200"}
+    KernelCostModel(h200).save(resources / "cost_model_h200.json")
+    KernelCostModel({**h200, "estimated": True}).save(resources / "cost_model_estimate.json")  # never picked
+    monkeypatch.setattr(costs, "RESOURCES", resources)
+    monkeypatch.setattr(costs, "DEFAULT_PATH", default)
+    monkeypatch.setattr(costs, "_current_gpu_name", lambda: "NVIDIA H200")
+    m = KernelCostModel.load()
+    assert m.source == f"shipped:{resources / 'cost_model_h200.json'}" and m.has_decode_table(2)
+    monkeypatch.setattr(costs, "_current_gpu_name", lambda: "NVIDIA B200")  # none shipped: the default
+    assert KernelCostModel.load().source == f"default:{default}"

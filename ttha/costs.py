@@ -3,8 +3,9 @@
 The router and the TTT policy ask it what an operation costs: `get_cost(op, batch_size)`.
 A cost model is a JSON file (schema below). `KernelCostModel.load()` picks, in order, an explicit path,
 the file measured on the GPU this process runs on (cost_models/<gpu-name>.json under the outputs root,
-written by profile_kernels.py) or the shipped default ttha/resources/cost_model_h100.json, measured on an
-H100 with profile_kernels.py (CUDA events, NVML energy net of idle).
+written by profile_kernels.py), the shipped file measured on that kind of GPU (ttha/resources/cost_model_*.json
+whose `gpu` is its name, e.g. cost_model_h200.json), or the shipped default ttha/resources/cost_model_h100.json,
+measured on an H100 with profile_kernels.py (CUDA events, NVML energy net of idle).
 
 Decode (schema 2): a decode step reads an expert's weights once if the router gives it any token and not at all
 if it gets none, so the step's cost is set by which experts are activated. `decode_cost(bits, m)` is what one
@@ -85,6 +86,18 @@ def _current_gpu_name() -> str | None:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # a broken driver is not a reason to fail loading a cost table
         return None
+
+
+def _shipped_for(gpu: str) -> Path | None:
+    """The shipped measured cost model (ttha/resources/cost_model_*.json) whose `gpu` is `gpu`, if any."""
+    for path in sorted(RESOURCES.glob("cost_model_*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # a damaged file is reported when it is loaded explicitly
+            continue
+        if isinstance(data, dict) and data.get("gpu") == gpu and data.get("estimated") is False:
+            return path
+    return None
 
 
 def _numbers(where: str, value: Any, n: int, allow_null: bool, per: str = "batch size") -> list[float] | None:
@@ -217,14 +230,17 @@ class KernelCostModel:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "KernelCostModel":
         """An explicit path; else cost_models/<gpu-name>.json under the outputs root for this GPU if it
-        exists; else the shipped default. Logs which."""
+        exists; else the shipped file measured on this kind of GPU; else the shipped default. Logs which."""
         if path is not None:
             model = cls.from_file(path, "file")
         else:
             gpu = _current_gpu_name()
             measured = outputs_root() / "cost_models" / gpu_file_name(gpu) if gpu else None
+            shipped = _shipped_for(gpu) if gpu else None
             if measured is not None and measured.is_file():
                 model = cls.from_file(measured, "gpu")
+            elif shipped is not None:
+                model = cls.from_file(shipped, "shipped")
             else:
                 model = cls.from_file(DEFAULT_PATH, "default")
         log.info("cost model: %s (gpu=%s, %s)", model.source, model.gpu,
@@ -254,8 +270,7 @@ class KernelCostModel:
         return Cost(_interp(t["batch_sizes"], t["latency_ms"], x), energy)
 
     def has_decode_table(self, bits: int) -> bool:
-        """Whether the grouped decode op was measured for experts of `bits` bits (else decode_cost answers
-        from the per-expert op)."""
+        """Whether the decode op was measured for `bits` (else decode_cost answers from the per-expert op)."""
         return bits in self._decode
 
     def decode_cost(self, bits: int, tokens: float) -> Cost:
