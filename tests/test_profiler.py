@@ -202,6 +202,11 @@ def test_table_columns_never_run_together():
     decode_rows = [line.split() for line in lines if line.startswith("moe_decode_int2")]
     assert decode_rows == [["moe_decode_int2", "0", "0.0500", "0.00", "1.0000", "0.0000"],
                            ["moe_decode_int2", "32", "12345.6780", "12345628.00", "23.4567", "22.4567"]]
+    no_energy = _profile_data(1.0, [0.05, 0.06])
+    no_energy["ops"]["expert_16bit"]["energy_j"] = no_energy["decode"]["ops"]["moe_decode_int2"]["energy_j"] = None
+    lines = report.table(no_energy).splitlines()  # no columns for energy nobody measured
+    assert lines[1].split() == ["op", "batch", "lat", "ms", "us/tok"]
+    assert lines[4].split() == ["decode", "op", "m", "lat", "ms", "+us", "over", "m=0"]
 
 
 @pytest.mark.parametrize("override, key", [

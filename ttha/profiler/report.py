@@ -166,7 +166,8 @@ def table(data: dict) -> str:
     """Text table: per op and batch, latency (ms, us/token) and net energy (J, mJ/token); then per decode op and
     routed-token count m, the grouped op's latency and energy and what the expert adds over m = 0."""
     title = f"{data['gpu']}  idle {data['idle_w']:.1f} W" if data.get("idle_w") is not None else data["gpu"]
-    rows = [["op", "batch", "lat ms", "us/tok", "E net J", "mJ/tok", "E gross J"]]
+    energy = any(e.get("energy_j") is not None for e in data["ops"].values())
+    rows = [["op", "batch", "lat ms", "us/tok"] + (["E net J", "mJ/tok", "E gross J"] if energy else [])]
     for op, e in data["ops"].items():
         for i, b in enumerate(e["batch_sizes"]):
             lat = e["latency_ms"][i]
@@ -178,7 +179,8 @@ def table(data: dict) -> str:
     lines = [title, *aligned(rows)]
     decode = (data.get("decode") or {}).get("ops") or {}
     if decode:
-        rows = [["decode op", "m", "lat ms", "+us over m=0", "E net mJ", "+mJ over m=0"]]
+        energy = any(e.get("energy_j") is not None for e in decode.values())
+        rows = [["decode op", "m", "lat ms", "+us over m=0"] + (["E net mJ", "+mJ over m=0"] if energy else [])]
         for op, e in decode.items():
             for i, m in enumerate(e["tokens"]):
                 lat = e["latency_ms"][i]
