@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from ttha import costs, kernels
-from ttha.kernels.moe import PRECISIONS
+from ttha.kernels.moe import PRECISIONS, kernel_supports
 from ttha.kernels.quant import quantize
 from ttha.profiler.ops import Context, Fn
 
@@ -103,7 +104,7 @@ def decode_templates(ctx: Context, s: dict) -> list[DecodeTemplate]:
             def step(item):
                 return kernels.moe_decode(x, w, item[1], item[0])
 
-            if not _graphs(ctx):
+            if not _graphs(ctx, s):
                 it = itertools.cycle(items)
                 return (lambda: step(next(it))), 1
             from ttha.kernels.tuning import timing_graph  # CUDA only
@@ -113,13 +114,16 @@ def decode_templates(ctx: Context, s: dict) -> list[DecodeTemplate]:
             return graph.replay, calls
         return build
 
-    path = "triton" if _graphs(ctx) else "torch"
-    return [DecodeTemplate(costs.decode_op(b), b, path, builder(b)) for b in PRECISIONS]
+    path = "triton" if _graphs(ctx, s) else "torch"
+    return [DecodeTemplate(costs.decode_op(b), b, path, builder(b)) for b in PRECISIONS if b in s["bits"]]
 
 
-def _graphs(ctx: Context) -> bool:
-    """CUDA graphs where the grouped kernels run: the torch reference reads the plan on the host."""
-    return ctx.device.type == "cuda" and ctx.triton_on()
+def _graphs(ctx: Context, s: dict) -> bool:
+    """CUDA graphs where the grouped kernels run (the torch reference reads the plan on the host): on CUDA, with
+    Triton, for a layer the kernels take (kernels.moe.kernel_supports: tile and group constraints)."""
+    layer = SimpleNamespace(group_size=s["group_size"], d_model=s["d_model"], d_ff=s["d_ff"],
+                            quant=dict.fromkeys(b for b in set(s["bits"]) if b != 16))
+    return ctx.device.type == "cuda" and ctx.triton_on() and kernel_supports(layer)
 
 
 @torch.no_grad()
