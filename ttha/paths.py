@@ -8,14 +8,20 @@ launch directory): Hydra's run and sweep dirs, MLflow's store and artifacts, Opt
 from __future__ import annotations
 
 import os
-import time
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# ${ttha.pid:} in conf/paths/default.yaml: with ${now:...%f} it makes each process's run dir its own, so runs started
+# in the same second never share one. Cached like Hydra's ${now:}, so a sweep's jobs get the sweeper's value; this
+# module is imported wherever the paths callback is (every process of a run, any launcher), before the dirs resolve.
+if not OmegaConf.has_resolver("ttha.pid"):
+    OmegaConf.register_new_resolver("ttha.pid", os.getpid, use_cache=True)
 
 
 def conf_dir() -> Path:
@@ -51,10 +57,11 @@ def outputs_root() -> Path:
 
 
 def output_dir() -> Path:
-    """This job's own output directory (Hydra's), else runs/<date>/<time> under the outputs root."""
+    """This job's own output directory (Hydra's), else runs/<date>/<time>-<microseconds>-<pid> under the outputs
+    root (as Hydra's, one per process)."""
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    path = outputs_root() / "runs" / time.strftime("%Y-%m-%d/%H-%M-%S")
+    path = outputs_root() / "runs" / f"{datetime.now():%Y-%m-%d/%H-%M-%S-%f}-{os.getpid()}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
