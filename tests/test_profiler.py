@@ -98,6 +98,38 @@ def test_decode_op_routes_m_tokens_to_one_expert_of_its_precision(monkeypatch, b
         assert sorted(set(reads)) == ([] if m == 0 else expected), m
 
 
+def test_graph_build_rotates_over_experts_and_layer_copies_spanning_rotate_bytes(monkeypatch):
+    """The CUDA branch of a decode build, its graph replaced by the calls it would capture: every step routes
+    m tokens to one expert of the op's precision, over enough layer copies that their weights span
+    rotate_bytes (so a GPU reads them from HBM, not L2); tuned once, eagerly, before any capture."""
+    shape = {"d_model": 64, "d_ff": 128, "n_experts": 5, "top_k": 2, "group_size": 32, "decode_batch": 3}
+    s = decode.decode_shape(shape)
+    ctx = ops.Context(torch.device("cpu"), torch.float32, shape, None, 0)
+    int4_bytes = 2 * 64 * 128 * (0.5 + 4 / 32)  # codes + fp16 scale and min per group, both projections
+    ctx.rotate_bytes = int(5 * 2 * int4_bytes)  # five layers' worth of the two int4 experts (1 and 4)
+    monkeypatch.setattr(decode, "_graphs", lambda ctx, s: True)
+    tuned, captured = [], []
+    monkeypatch.setattr(decode, "_tune", lambda *args: tuned.append(args) or True)
+
+    def fake_timing_graph(fn, items):
+        captured.append(items)
+        return type("Graph", (), {"replay": lambda self: [fn(it) for it in items]})(), 2 * len(items)
+    monkeypatch.setattr("ttha.kernels.tuning.timing_graph", fake_timing_graph)
+    (template,) = [t for t in decode.decode_templates(ctx, s) if t.bits == 4]
+    reads = _record_reads(monkeypatch)
+    for m in (0, 2):
+        fn, steps = template.build(m)
+        reads.clear()
+        fn()
+        items = captured[-1]
+        assert steps == 2 * len(items) == 2 * 5 * 2
+        assert len({id(layer) for layer, _ in items}) == 5  # distinct copies, each with both int4 experts
+        assert sorted(plan.counts.nonzero().flatten().tolist() for _, plan in items) == (
+            [[]] * 10 if m == 0 else [[1]] * 5 + [[4]] * 5)
+        assert sorted(set(reads)) == ([] if m == 0 else [1, 4])
+    assert len(tuned) == 1
+
+
 def test_one_expert_plan_is_what_the_reference_computes_for_that_expert():
     torch.manual_seed(0)
     layer = kernels.GroupedExperts.from_weights(
