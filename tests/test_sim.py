@@ -1,7 +1,7 @@
-"""The simulated GPU: the thermal model against the measured H100 trace, the work the run reports, sim
-power and clock through the monitor, simulated stress."""
+"""The simulated GPU: the thermal model against the measured H100 trace, the work the run reports, the decode
+power model against the measured H200 file, the simulated clock and sim power through the monitor, simulated
+stress."""
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,17 +10,16 @@ from omegaconf import OmegaConf
 
 from ttha import sim, stress, telemetry as tm
 from ttha.costs import ESTIMATE_PATH, KernelCostModel
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from ttha.paths import conf_dir
 
 
 def tel_cfg(preset="sim", **over):
-    cfg = OmegaConf.load(CONF / "telemetry" / f"{preset}.yaml")
+    cfg = OmegaConf.load(conf_dir() / "telemetry" / f"{preset}.yaml")
     return OmegaConf.merge(cfg, OmegaConf.create(over))
 
 
 def stress_cfg(name, **over):
-    return OmegaConf.merge(OmegaConf.load(CONF / "stress" / f"{name}.yaml"), OmegaConf.create(over))
+    return OmegaConf.merge(OmegaConf.load(conf_dir() / "stress" / f"{name}.yaml"), OmegaConf.create(over))
 
 
 def shipped_params():
@@ -29,8 +28,8 @@ def shipped_params():
                 r_slow=s.r_slow, tau_slow=s.tau_slow, lead_s=s.power_avg_s)
 
 
-def sim_monitor(time_scale=50.0, hz=100.0):
-    return tm.build_monitor(tel_cfg("sim", sample_hz=hz, sim={"time_scale": time_scale}), None)
+def sim_monitor(hz=10.0):
+    return tm.build_monitor(tel_cfg("sim", sample_hz=hz), None)
 
 
 # ----------------------------------------------------------------------------- thermal model
@@ -74,17 +73,107 @@ def test_thermal_model_steady_state_and_exact_large_steps():
     assert m.temp_c == pytest.approx(46.0 + 0.04 * 500.0, abs=1e-6)
 
 
+
 # ----------------------------------------------------------------------------- the run's work
 
-def test_sim_work_power_follows_the_mix_only_when_paced():
-    """Roofline costs (quantized experts cheap): saturated 16-bit serving draws busy_w; paced, a cheap mix
-    draws less than 16-bit experts in the same interval."""
+def test_sim_work_costs_come_from_the_cost_model_not_the_host():
+    """Roofline costs (quantized experts cheap): serving time is the cost model's latency of what ran, per
+    layer; a cheap mix takes less time at less power; TTT takes the cost model's ttt_<mode> latency."""
+    cm = KernelCostModel.load(ESTIMATE_PATH)
     bits = [16, 4, 2]
-    work = sim.SimWork(KernelCostModel.load(ESTIMATE_PATH), bits, 2, 256, tel_cfg().sim)
+    work = sim.SimWork(cm, bits, 2, 256, tel_cfg().sim, n_layers=3)
     only_16, only_2 = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
-    assert work.n_experts == 3
-    assert work.relative_power(only_16, 0.05, 0.0, 0.0) == pytest.approx((550.0 - 78.0) / (700.0 - 78.0))
-    assert work.relative_power(only_2, 0.05, 0.0, 0.1) < work.relative_power(only_16, 0.05, 0.0, 0.1)
+    s16, p16 = work.serve(only_16)
+    ref_ms = 3 * (cm.get_cost("expert_16bit", 512).latency_ms + cm.get_cost("router_topk", 256).latency_ms)
+    assert s16 == pytest.approx(ref_ms / 1000.0)
+    assert p16 == pytest.approx((550.0 - 78.0) / (700.0 - 78.0))
+    s2, p2 = work.serve(only_2)
+    assert s2 < s16 and p2 < p16
+    assert work.ttt("full") == (pytest.approx(cm.get_cost("ttt_full", 256).latency_ms / 1000.0), work.busy_rel)
+    assert work.ttt("skip") == (0.0, 0.0)
+    fixed = sim.SimWork(cm, bits, 2, 256, tel_cfg(sim={"serve_s": 0.05}).sim)
+    assert fixed.serve(only_16)[0] == pytest.approx(0.05) and fixed.serve(only_2)[0] < 0.05
+
+
+# ----------------------------------------------------------------------------- decode power
+
+def test_decode_fit_is_the_least_squares_fit_of_the_shipped_file():
+    fit = sim.fit_decode(sim.load_decode_rows())
+    assert fit["fixed_j"] == pytest.approx(sim.DECODE_FIT["fixed_j"], rel=1e-3)
+    assert fit["fixed_s"] == pytest.approx(sim.DECODE_FIT["fixed_s"], rel=1e-3)
+    for b in (16, 4, 2):
+        assert fit["j_per_byte"][b] == pytest.approx(sim.DECODE_FIT["j_per_byte"][b], rel=1e-3)
+        assert fit["s_per_byte"][b] == pytest.approx(sim.DECODE_FIT["s_per_byte"][b], rel=1e-3)
+
+
+def pattern_counts(pattern):
+    """Per-expert token counts of one step of the file's pattern: 16 tokens x top-2 round-robin over the
+    activated experts (bits i % 3 -> bf16, int4, int2 over 8 experts)."""
+    bits = [(16, 4, 2)[i % 3] for i in range(8)]
+    active = [i for i, b in enumerate(bits) if b in sim.DECODE_PATTERNS[pattern]]
+    counts = np.zeros(8, dtype=int)
+    for slot in range(32):
+        counts[active[slot % len(active)]] += 1
+    return counts, bits
+
+
+def test_decode_power_matches_every_row_of_the_measured_file():
+    """Power = idle + steps/s x energy per step, from the bytes of the experts that get >= 1 token."""
+    rows = sim.load_decode_rows()
+    assert len(rows) == 12
+    for r in rows:
+        counts, bits = pattern_counts(r["pattern"])
+        power = sim.DECODE_IDLE_W + r["steps_s"] * sim.decode_step_energy_j(counts, bits)
+        assert power == pytest.approx(r["mean_w"], abs=6.0), r
+        assert sim.decode_step_s(counts, bits) * 1e6 == pytest.approx(r["step_us"], rel=0.01), r
+    at = {r["pattern"]: r for r in rows if r["rate"] == "2000"}  # the issue's headline rows
+    assert (at["balanced_all8"]["mean_w"], at["int2_only"]["mean_w"]) == (441.8, 185.7)
+
+
+def test_decode_energy_counts_activation_not_tokens():
+    """An expert costs one read of its weights if it gets any token, nothing if it gets none."""
+    bits = [16, 4, 2, 16]
+    fixed = sim.DECODE_FIT["fixed_j"]
+    one = sim.decode_step_energy_j([1, 0, 0, 0], bits)
+    assert one == sim.decode_step_energy_j([30, 0, 0, 0], bits) > sim.decode_step_energy_j([0, 0, 0, 0], bits) == fixed
+    assert sim.decode_step_energy_j([0, 0, 5, 0], bits) < sim.decode_step_energy_j([0, 5, 0, 0], bits) < one
+    assert sim.decode_step_energy_j([1, 0, 0, 1], bits) == pytest.approx(2 * one - fixed)
+    half = sim.decode_step_energy_j([1, 0, 0, 0], bits, expert_params=sim.DECODE_EXPERT_PARAMS / 2)
+    assert half - fixed == pytest.approx((one - fixed) / 2)
+
+
+# ----------------------------------------------------------------------------- the simulated clock
+
+def test_sim_clock_moves_only_when_told_and_samples_at_sample_hz():
+    with sim_monitor(hz=10.0) as mon:
+        assert mon._thread is None  # no sampler thread: samples are taken on the simulated clock
+        time.sleep(0.05)
+        assert mon.clock() == 0.0 and len(mon.history) == 1
+        mon.run_work(0.25, 0.5)  # busy 0.25 s, then idle
+        mon.advance(0.5)
+        assert mon.clock() == pytest.approx(0.75)
+        assert [round(s.t, 9) for s in mon.history] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+        assert mon.latest().t == pytest.approx(0.7)
+        assert mon.history[2].power_w > mon.history[1].power_w > 78.0 and mon.history[1].util_pct == 100.0
+        assert mon.latest().util_pct == 0.0  # idle after the work
+
+
+def run_script(level):
+    """A fixed script of work, idle and bursty stress on a fresh simulated GPU: its samples and energy."""
+    with sim_monitor(hz=20.0) as mon:
+        st = stress.build_stressor(stress_cfg("bursty", on_s=0.3, off_s=0.2), torch.device("cpu"), mon).start()
+        for i in range(40):
+            mon.run_work(0.031, level * (i % 3) / 2)
+            time.sleep(0.001 * (i % 2))  # host timing must not matter
+            mon.wait(0.017)
+        st.stop()
+        return list(mon.history), mon.energy_j()
+
+
+def test_same_work_same_telemetry_on_any_host():
+    a = run_script(0.9)
+    assert run_script(0.9) == a and len(a[0]) == 39  # 1.92 simulated s at 20 Hz
+    assert run_script(0.5) != a
 
 
 # ----------------------------------------------------------------------------- sim source
@@ -92,35 +181,36 @@ def test_sim_work_power_follows_the_mix_only_when_paced():
 def test_report_work_changes_sim_power_and_temperature():
     with sim_monitor() as mon:
         mon.report_work(0.0)
-        time.sleep(0.15)  # 7.5 simulated seconds: the 0.5 s power average settles
+        mon.advance(7.5)  # the 0.5 s power average settles
         idle = mon.latest()
         mon.report_work(0.5)
-        time.sleep(0.25)
+        mon.advance(12.5)
         half = mon.latest()
         mon.report_work(2.0)  # clipped to the cap
-        time.sleep(0.25)
+        mon.advance(12.5)
         full = mon.latest()
-    assert idle.power_w == pytest.approx(78.0, abs=2.0)
-    assert half.power_w == pytest.approx(78.0 + 0.5 * (700 - 78), abs=5.0)
-    assert full.power_w == pytest.approx(700.0, abs=5.0)
+    assert idle.power_w == pytest.approx(78.0, abs=0.1)
+    assert half.power_w == pytest.approx(78.0 + 0.5 * (700 - 78), abs=0.5)
+    assert full.power_w == pytest.approx(700.0, abs=0.5)
     assert idle.temp_c < half.temp_c < full.temp_c
     assert full.util_pct == 100.0 and idle.util_pct == 0.0
     assert half.energy_j > idle.energy_j > 0.0
+    assert idle.energy_j == pytest.approx(78.0 * 7.5, rel=1e-6)
 
 
 def test_external_power_adds_and_is_capped_with_clock_drop():
     with sim_monitor() as mon:
         mon.report_work(0.25)
-        time.sleep(0.2)
+        mon.advance(10.0)
         base = mon.latest()
         mon.set_external_power(200.0)
-        time.sleep(0.2)
+        mon.advance(10.0)
         stressed = mon.latest()
         mon.set_external_power(2000.0)
-        time.sleep(0.2)
+        mon.advance(10.0)
         capped = mon.latest()
-    assert stressed.power_w - base.power_w == pytest.approx(200.0, abs=5.0)
-    assert capped.power_w == pytest.approx(700.0, abs=2.0)
+    assert stressed.power_w - base.power_w == pytest.approx(200.0, abs=0.5)
+    assert capped.power_w == pytest.approx(700.0, abs=0.5)
     assert capped.sm_clock_mhz < base.sm_clock_mhz == 1980.0
     assert capped.throttle_reasons & sim.THROTTLE_SW_POWER_CAP and not base.throttle_reasons
 
@@ -128,27 +218,28 @@ def test_external_power_adds_and_is_capped_with_clock_drop():
 # ----------------------------------------------------------------------------- simulated stress
 
 def test_stress_adds_sim_power():
-    with sim_monitor(time_scale=20.0) as mon:
+    with sim_monitor() as mon:
         mon.report_work(0.2)
-        time.sleep(0.15)
+        mon.advance(7.5)
         base = mon.latest().power_w
         with stress.build_stressor(stress_cfg("matmul", duty_cycle=0.8), torch.device("cpu"), mon) as s:
             assert s.backend == "sim" and s.pid is None
             s.start()
-            time.sleep(0.2)
+            mon.advance(10.0)
             stressed = mon.latest().power_w
-        time.sleep(0.2)  # stopped on exit of the with: the external power goes away
+        mon.advance(10.0)  # stopped on exit of the with: the external power goes away
         after = mon.latest().power_w
-    assert stressed - base == pytest.approx(0.8 * 250.0, abs=6.0)
-    assert after == pytest.approx(base, abs=6.0)
+    assert stressed - base == pytest.approx(0.8 * 250.0, abs=0.5)
+    assert after == pytest.approx(base, abs=0.5)
 
 
 def test_thermal_ramp_rises_in_sim_time():
-    with sim_monitor(time_scale=50.0) as mon:
+    with sim_monitor() as mon:
         s = stress.build_stressor(stress_cfg("thermal_ramp", ramp_s=20.0), torch.device("cpu"), mon).start()
         readings = []
         for _ in range(5):
-            time.sleep(0.1)  # 5 simulated seconds
+            mon.advance(5.0)
             readings.append(mon.latest().power_w)
         s.stop()
     assert readings == sorted(readings) and readings[-1] - readings[0] > 150.0
+    assert readings[3] == pytest.approx(78.0 + 300.0, abs=15.0)  # the ramp is full at 20 simulated s

@@ -2,19 +2,17 @@
 tests are in test_sim.py)."""
 import logging
 import time
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from ttha import sim, telemetry as tm
 from ttha.config import ConfigError
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "telemetry"
+from ttha.paths import conf_dir
 
 
 def tel_cfg(preset="sim", **over):
-    cfg = OmegaConf.load(CONF / f"{preset}.yaml")
+    cfg = OmegaConf.load(conf_dir() / "telemetry" / f"{preset}.yaml")
     return OmegaConf.merge(cfg, OmegaConf.create(over))
 
 
@@ -29,12 +27,9 @@ def wait_for(pred, timeout=3.0):
 
 # ----------------------------------------------------------------------------- the sampler
 
-def sim_monitor(time_scale=50.0, hz=100.0):
-    return tm.build_monitor(tel_cfg("sim", sample_hz=hz, sim={"time_scale": time_scale}), None)
-
-
 def test_sampler_thread_runs_at_rate_and_stops():
-    mon = sim_monitor(time_scale=1.0, hz=50.0)
+    """A real-time source (replay) is sampled by a background thread at sample_hz of wall time."""
+    mon = tm.build_monitor(tel_cfg("replay", sample_hz=50.0), None)
     mon.start()
     mon.start()  # idempotent: still one thread
     thread = mon._thread
@@ -108,7 +103,7 @@ def test_nvml_without_gpu_is_config_error():
 
 @pytest.mark.parametrize("over,key", [({"sample_hz": 0}, "telemetry.sample_hz"),
                                       ({"sim": {"cap_w": 50.0}}, "telemetry.sim.cap_w"),
-                                      ({"sim": {"time_scale": -1}}, "telemetry.sim.time_scale"),
+                                      ({"sim": {"serve_s": -1}}, "telemetry.sim.serve_s"),
                                       ({"source": "gpu"}, "telemetry.source")])
 def test_bad_telemetry_config(over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

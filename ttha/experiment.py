@@ -31,25 +31,51 @@ log = logging.getLogger(__name__)
 TTT_CODE = {"skip": 0, "light": 1, "full": 2}
 
 
-class Pacer:
-    """Arrival times of test batches: back to back (saturated) or at a fixed token rate (paced)."""
+class RunClock:
+    """The clock the test-time phase runs on. Under sim telemetry the simulated GPU's: it moves by the modelled
+    cost of each step's work (busy) and by pacing gaps (wait_until: the GPU idles), so a run reads the same
+    times and telemetry on any host. Otherwise the wall clock: work takes its own time, wait_until sleeps."""
 
-    def __init__(self, workload: DictConfig, tokens_per_batch: int):
-        self.interval = tokens_per_batch / float(workload.tokens_per_s) if workload.kind == "paced" else 0.0
-        self.t0 = time.perf_counter()
+    def __init__(self, monitor):
+        self.monitor = monitor
+        self.simulated = bool(getattr(monitor, "simulated", False))
+
+    def now(self) -> float:
+        return self.monitor.clock() if self.simulated else time.perf_counter()
+
+    def wait_until(self, t: float) -> None:
+        ahead = t - self.now()
+        if ahead > 0:
+            self.monitor.wait(ahead)
+
+    def busy(self, seconds: float, relative_power: float) -> None:
+        """The simulated GPU works `seconds` at `relative_power` (nothing to do on the wall clock)."""
+        if self.simulated:
+            self.monitor.run_work(seconds, relative_power)
+
+
+class Pacer:
+    """Arrival times of test batches on the run's clock: back to back (saturated) or at a fixed rate (paced)."""
+
+    def __init__(self, clock: RunClock, interval_s: float):
+        self.clock, self.interval = clock, float(interval_s)
+        self.t0 = clock.now()
 
     def restart(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock.now()
 
     def wait(self, i: int) -> float:
-        """Sleep until batch i arrives (paced); return its arrival time."""
+        """Wait until batch i arrives (paced); return its arrival time."""
         if self.interval == 0.0:
-            return time.perf_counter()
+            return self.clock.now()
         arrival = self.t0 + i * self.interval
-        ahead = arrival - time.perf_counter()
-        if ahead > 0:
-            time.sleep(ahead)
+        self.clock.wait_until(arrival)
         return arrival
+
+
+def arrival_interval(workload: DictConfig, tokens_per_batch: int) -> float:
+    """Seconds between arrivals: 0 when saturated."""
+    return tokens_per_batch / float(workload.tokens_per_s) if workload.kind == "paced" else 0.0
 
 
 def _usage_array(router, n_experts: int) -> np.ndarray:
@@ -145,11 +171,12 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     n_warm, n_meas = int(cfg.test.warmup_batches), int(cfg.test.n_batches)
     adaptive = bool(cfg.router.adaptive)
     update_every = int(cfg.router.get("update_every", 1))
-    pacer, clock = Pacer(cfg.workload, tokens), StepClock()
+    run_clock, clock = RunClock(s.monitor), StepClock()
+    pacer = Pacer(run_clock, arrival_interval(cfg.workload, tokens))
 
     rows: list[dict] = []
     nll_sum, ntok, latency_ms = 0.0, 0, 0.0
-    energy0 = t_meas0 = None
+    energy0 = t_meas0 = wall0 = read_energy0 = None
     batches = data.stream_batches(s.corpus.test, B, S, n_warm + n_meas)
     bar = tqdm(batches, total=n_warm + n_meas, desc="test-time phase", unit="batch", dynamic_ncols=True,
                mininterval=pretrain.progress_interval())
@@ -158,8 +185,9 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         if i == n_warm:  # warm-up done: stress starts, the clock and energy counter are read
             s.stressor.start()
             pacer.restart()
-            energy0, t_meas0 = s.monitor.latest().energy_j, time.perf_counter()
-        arrival = pacer.wait(step) if step >= 0 else time.perf_counter()
+            energy0, t_meas0, wall0 = s.monitor.energy_j(), run_clock.now(), time.perf_counter()
+            read_energy0 = s.monitor.latest().energy_j  # the rows' energy counts from the reading at the start
+        arrival = pacer.wait(step) if step >= 0 else run_clock.now()
         clock.start()
         with clock.timed("telemetry"):
             sample = s.monitor.latest()
@@ -178,11 +206,12 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
-        t_end = time.perf_counter()
-        latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
         usage = _usage_array(s.router, s.sim_work.n_experts)
-        s.monitor.report_work(s.sim_work.relative_power(usage, clock.span["serve"], clock.span["ttt"],
-                                                        pacer.interval))
+        if run_clock.simulated:  # the simulated GPU serves the batch, then trains on it
+            run_clock.busy(*s.sim_work.serve(usage))
+            run_clock.busy(*s.sim_work.ttt(mode))
+        t_end = run_clock.now()
+        latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
         if step < 0:
             continue
 
@@ -191,7 +220,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             "step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
             "telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
             "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
-            "telemetry/energy_j": sample.energy_j - energy0, "ttt/mode": TTT_CODE[mode],
+            "telemetry/energy_j": sample.energy_j - read_energy0, "ttt/mode": TTT_CODE[mode],
             "router/balance_score": s.router.balance_score, "eval/batch_loss": nll / n,
         }
         row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
@@ -202,20 +231,23 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         clock.count(exposed)
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 
-    wall = time.perf_counter() - t_meas0
-    energy = s.monitor.latest().energy_j - energy0
-    return rows, _summary(s, rows, nll_sum, ntok, wall, energy, clock)
+    elapsed, wall = run_clock.now() - t_meas0, time.perf_counter() - wall0
+    energy = s.monitor.energy_j() - energy0
+    return rows, _summary(s, rows, nll_sum, ntok, (elapsed, wall), energy, clock)
 
 
-def _summary(s: Serving, rows: list[dict], nll_sum: float, ntok: int, wall_s: float, energy_j: float,
-             clock: StepClock) -> dict:
-    """The run's summary metrics from its measured steps."""
+def _summary(s: Serving, rows: list[dict], nll_sum: float, ntok: int, seconds: tuple[float, float],
+             energy_j: float, clock: StepClock) -> dict:
+    """The run's summary metrics from its measured steps. seconds = (on the run's clock, on the wall clock):
+    under sim telemetry tokens/s is in simulated seconds, like every hardware metric; the wall-clock rate (the
+    host's speed) is reported beside it and feeds no decision."""
     power = np.array([r["telemetry/power_w"] for r in rows])
     temp = np.array([r["telemetry/temp_c"] for r in rows])
     modes = [r["ttt/mode"] for r in rows]
     summary = {
         "eval/perplexity": math.exp(nll_sum / max(ntok, 1)),
-        "eval/tokens_per_s": ntok / wall_s,
+        "eval/tokens_per_s": ntok / max(seconds[0], 1e-12),
+        "eval/wall_tokens_per_s": ntok / max(seconds[1], 1e-12),
         "eval/energy_per_token_j": energy_j / max(ntok, 1),
         "eval/mean_power_w": float(power.mean()),
         "eval/max_temp_c": float(temp.max()),
@@ -298,7 +330,8 @@ def run(cfg: DictConfig) -> list[float]:
                                         cfg.objective, cfg.targets, device)
         model.set_router(router)
         tokens = int(cfg.test.batch_size) * int(cfg.test.seq_len)
-        sim_work = sim.SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {})
+        sim_work = sim.SimWork(cost_model, bits, int(cfg.model.top_k), tokens, cfg.telemetry.get("sim") or {},
+                               int(cfg.model.n_layers))
 
         rows, summary = serve(Serving(
             cfg=cfg, model=model, corpus=corpus, router=router, policy=ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets),

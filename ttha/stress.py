@@ -5,8 +5,8 @@ thermal_ramp (duty rising 0 -> 1 over ramp_s). A `Schedule` gives the load level
 matmul loop realises it as on/off within period_s.
 
 Backends: on a CUDA device a managed child process (spawn) on the same GPU; under sim telemetry
-sim.SimStressor, a thread that adds simulated power (monitor.set_external_power); `cpu` is a tiny numpy
-stand-in child so the process lifecycle is testable without a GPU.
+sim.SimStressor, simulated power as a function of the simulated clock (monitor.set_external_power); `cpu` is
+a tiny numpy stand-in child so the process lifecycle is testable without a GPU.
 
 The child never outlives the run: the parent stops it on stop()/__exit__/atexit (SIGTERM, then
 SIGKILL), ttha.runtime.install_signal_handlers() turns SIGTERM into KeyboardInterrupt so the run's cleanup
@@ -230,17 +230,17 @@ CONF = conf_dir()  # the scenarios' and the simulator's own configs
 
 
 def _cool_down(monitor, idle_w: float, max_s: float) -> None:
-    """Wait (up to max_s) until power is back within 15 % of the first idle reading: the last scenario's
-    heat would otherwise count as idle for the next."""
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline and monitor.latest().power_w > 1.15 * idle_w:
-        time.sleep(0.2)
+    """Wait (up to max_s on the monitor's clock) until power is back within 15 % of the first idle reading:
+    the last scenario's heat would otherwise count as idle for the next."""
+    deadline = monitor.clock() + max_s
+    while monitor.clock() < deadline and monitor.latest().power_w > 1.15 * idle_w:
+        monitor.wait(0.2)
 
 
 def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: float = 3.0,
             cool_down_s: float = 20.0) -> list[dict]:
     """What each scenario adds: mean power and max temperature over `seconds` of the stressor alone, against
-    the idle reading just before it (nvml on a GPU, the simulator elsewhere)."""
+    the idle reading just before it (nvml on a GPU, the simulator elsewhere: then in simulated seconds)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -252,7 +252,7 @@ def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: floa
     monitor = telemetry.build_monitor(OmegaConf.merge(base, {"source": "auto"}), dev)
     results = []
     with monitor:
-        time.sleep(0.3)
+        monitor.wait(0.3)
         first_idle_w = monitor.latest().power_w
         for kind in kinds:
             _cool_down(monitor, first_idle_w, cool_down_s)
@@ -265,7 +265,7 @@ def measure(kinds: list[str], seconds: float, device: str = "auto", idle_s: floa
                 with stressor:  # stops it on exit
                     stressor.start()
                     t0 = monitor.clock()
-                    time.sleep(secs)
+                    monitor.wait(secs)
                     window[phase] = [s for s in list(monitor.history) if s.t >= t0]
             idle_p = sum(s.power_w for s in window["idle"]) / max(len(window["idle"]), 1)
             p = [s.power_w for s in window["stress"]]

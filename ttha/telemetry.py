@@ -7,7 +7,9 @@ and counts the error; the run never crashes on telemetry.
 - nvml: nvidia-ml-py. Power/temperature/utilisation/SM clock/throttle reasons every sample; the
   energy counter (a slow read) every `energy_every`-th sample, integrated power in between.
 - sim: the simulated H100 of sim.py (`SimGpu`): power follows the work the run reports plus simulated
-  stress, temperature follows a two-node thermal model fitted on the measured H100 trace.
+  stress, temperature follows a two-node thermal model fitted on the measured H100 trace. It runs on a
+  simulated clock, moved by the run (advance / run_work / wait): no sampler thread, samples are taken at
+  sample_hz of simulated time, so a simulated run reads the same telemetry on any host.
 - replay: a recorded trace (the probe trace's format), looped, at `replay_speed`.
 """
 from __future__ import annotations
@@ -124,7 +126,8 @@ class NvmlSource:
 # ----------------------------------------------------------------------------- the monitor
 
 class GpuSystemMonitor:
-    """Background sampler over one source. start()/stop() are idempotent; a context manager."""
+    """Background sampler over one source (for sim: samples taken as the simulated clock passes each
+    1/sample_hz). start()/stop() are idempotent; a context manager."""
 
     def __init__(self, source, sample_hz: float = 10.0):
         if not sample_hz > 0:
@@ -138,6 +141,9 @@ class GpuSystemMonitor:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self.simulated = isinstance(source, SimGpu)
+        self._sim_started = False
+        self._n_sim_samples = 0  # samples taken on the simulated clock: the next is at n / sample_hz
 
     # -- sampling
     def _sample(self) -> None:
@@ -161,6 +167,11 @@ class GpuSystemMonitor:
                 self._sample()
 
     def start(self) -> "GpuSystemMonitor":
+        if self.simulated:
+            if not self._sim_started:
+                self._sim_started = True
+                self._sample_sim_until(self._source.clock())
+            return self
         if self._thread is not None and self._thread.is_alive():
             return self
         self._stop.clear()
@@ -170,6 +181,7 @@ class GpuSystemMonitor:
         return self
 
     def stop(self) -> None:
+        self._sim_started = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -184,7 +196,7 @@ class GpuSystemMonitor:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._sim_started or (self._thread is not None and self._thread.is_alive())
 
     def latest(self) -> TelemetrySample:
         s = self._latest
@@ -197,16 +209,49 @@ class GpuSystemMonitor:
         """Seconds on the source's clock (simulated seconds for sim)."""
         return self._source.clock()
 
+    def energy_j(self) -> float:
+        """Energy since the monitor started, now (sim: exact at the simulated clock; else the latest sample)."""
+        return self._source.energy_j if self.simulated else self.latest().energy_j
+
+    # -- the simulated clock (sim only; wait() also serves real sources)
+    def _sample_sim_until(self, t: float) -> None:
+        """Advance the simulated GPU to time t, sampling at each 1/sample_hz passed on the way."""
+        src = self._source
+        while self._sim_started and self._n_sim_samples / self.sample_hz <= t:
+            src.advance(self._n_sim_samples / self.sample_hz - src.clock())
+            self._sample()
+            self._n_sim_samples += 1
+        src.advance(t - src.clock())
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` of simulated time pass at the work last reported (sim only)."""
+        if self.simulated:
+            self._sample_sim_until(self._source.clock() + max(float(seconds), 0.0))
+
+    def run_work(self, seconds: float, relative_power: float) -> None:
+        """The GPU is busy for `seconds` at `relative_power` (0..1 of idle..cap), then idle (sim only)."""
+        if self.simulated:
+            self.report_work(relative_power)
+            self.advance(seconds)
+            self.report_work(0.0)
+
+    def wait(self, seconds: float) -> None:
+        """Let time pass: simulated time for sim, a sleep otherwise."""
+        if self.simulated:
+            self.advance(seconds)
+        elif seconds > 0:
+            time.sleep(seconds)
+
     # -- what the run and the stressor tell the simulator (no-ops for real sources)
     def report_work(self, relative_power: float) -> None:
         """Fraction 0..1 of the idle..cap range that the run's work demands now (sim only)."""
-        if isinstance(self._source, SimGpu):
+        if self.simulated:
             self._source.relative_work = float(relative_power)
 
-    def set_external_power(self, watts: float) -> None:
-        """Power drawn by a simulated stressor (sim only)."""
-        if isinstance(self._source, SimGpu):
-            self._source.external_w = float(watts)
+    def set_external_power(self, watts: float | Callable[[float], float]) -> None:
+        """Power drawn by a simulated stressor (sim only): watts, or watts as a function of simulated time."""
+        if self.simulated:
+            self._source.external = watts if callable(watts) else float(watts)
 
     def __enter__(self) -> "GpuSystemMonitor":
         return self.start()
@@ -225,9 +270,11 @@ def _positive(node: Any, key: str, prefix: str, default: float | None = None) ->
 
 
 def _check_sim(sim: Any) -> None:
-    for key in ("idle_w", "cap_w", "time_scale", "tau_fast", "tau_slow", "power_avg_s"):
+    for key in ("idle_w", "cap_w", "tau_fast", "tau_slow", "power_avg_s"):
         if key in sim:
             _positive(sim, key, "telemetry.sim")
+    if sim.get("serve_s") is not None:
+        _positive(sim, "serve_s", "telemetry.sim")
     for key in ("r_fast", "r_slow"):
         if key in sim and not float(sim[key]) >= 0:
             raise ConfigError(f"telemetry.sim.{key}", sim[key], "must be >= 0")
