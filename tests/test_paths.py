@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ FROZEN_TRAIN = textwrap.dedent("""
 SMALL = ["experiment=smoke_cpu", "model.d_model=64", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
          "model.n_experts=3", "model.top_k=1", "model.max_seq_len=32", "pretrain.steps=2", "pretrain.warmup_steps=1",
          "pretrain.batch_size=2", "pretrain.seq_len=16", "pretrain.eval_batches=1", "test.n_batches=4",
-         "test.warmup_batches=1", "test.batch_size=2", "test.seq_len=16", "tracking.plots=false"]
+         "test.warmup_batches=1", "test.batch_size=2", "test.seq_len=16", "tracking.plots=false", "pretrain.seed=0"]
 
 
 def test_run_and_sweep_dirs_are_per_process_and_keep_date_and_time(compose_cfg):
@@ -58,7 +59,12 @@ def test_runs_started_in_the_same_second_keep_their_own_folders_and_artifacts(tm
     seeds = {int(OmegaConf.load(d / "config.yaml").seed): d for d in run_dirs}
     assert set(seeds) == {1, 2}  # each folder holds its own run's config
     assert (seeds[1] / "steps.csv").read_text() != (seeds[2] / "steps.csv").read_text()
+    pretrained = []
     for seed in (1, 2):  # and each MLflow run logged its own files
         (logged,) = (tmp_path / f"store{seed}").rglob("artifacts/config.yaml")
         assert int(OmegaConf.load(logged).seed) == seed
         assert (logged.parent / "steps.csv").read_text() == (seeds[seed] / "steps.csv").read_text()
+        client = MlflowClient(f"sqlite:///{tmp_path / f'store{seed}' / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("ttha").experiment_id])
+        pretrained.append(run.data.metrics["pretrain/cached"])
+    assert sorted(pretrained) == [0.0, 1.0]  # one key (pretrain.seed is fixed): one pretrained, the other loaded
