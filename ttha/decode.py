@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ttha import kernels
 from ttha.kernels import moe as kmoe
 from ttha.kernels import quant
-from ttha.model import MoEFFN, MoELM, QuantizedExpert, SimpleExpert
+from ttha.model import MoEFFN, MoELM, SimpleExpert
 
 GROUPED_BITS = (16, 4, 2)  # what a GroupedExperts stacks
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
