@@ -9,16 +9,17 @@ import torch
 from omegaconf import OmegaConf
 
 from ttha.costs import ESTIMATE_PATH, KernelCostModel
+from ttha.paths import conf_dir
 from ttha.routing import AdaptiveRouter, ExpertLoadBalancer, topk_route
 
-ROOT_CONF = ESTIMATE_PATH.parents[2] / "conf"
 COSTS = KernelCostModel.load(ESTIMATE_PATH)  # roofline: the quantized experts are the cheap ones
 BITS = [16, 4, 2, 16, 4, 2]
 E, K, T, LAYERS = 6, 2, 256, 2
+DECODE_B = 16  # streams of a decode step
 
 
 def conf(group: str, name: str, **overrides):
-    cfg = OmegaConf.load(ROOT_CONF / group / f"{name}.yaml")
+    cfg = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
     return OmegaConf.merge(cfg, overrides)
 
 
@@ -27,16 +28,23 @@ def sample(power_w=200.0, temp_c=50.0, util_pct=80.0):
                            energy_j=0.0, throttle_reasons=0)
 
 
-def make_router(name="ttha", objective=None, **router_overrides):
+def make_router(name="ttha", objective=None, decode=False, **router_overrides):
     targets = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
     return AdaptiveRouter(E, K, BITS, COSTS, conf("router", name, **router_overrides),
-                          objective or conf("objective", "default"), targets, "cpu")
+                          objective or conf("objective", "default"), targets, "cpu", decode=decode)
 
 
 def serve_step(router, s, latency_ms=10.0, seed=0):
-    """One step: begin_step, route every layer's random gate logits (a fixed gate distribution)."""
+    """One step: begin_step, route every layer's random gate logits (a fixed gate distribution); a decode
+    router records a decode step of DECODE_B streams, routed as the decoder does."""
     g = torch.Generator().manual_seed(seed)
     router.begin_step(s, latency_ms)
+    if router.decode:
+        logits = torch.randn(LAYERS, DECODE_B, E, generator=g)
+        idx = topk_route(logits, router.bias, K)[1]
+        counts = torch.stack([torch.bincount(i.flatten(), minlength=E) for i in idx])
+        router.record_decode(logits, counts)
+        return
     for layer in range(LAYERS):
         router(torch.randn(T, E, generator=g), layer)
 
@@ -134,7 +142,7 @@ def test_repeated_updates_under_tight_power_target_shift_routing_to_cheap_expert
 
 
 def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
-    r = make_router(cost_bias_scale=1.0)
+    r = make_router(cost_bias_scale=1.0, max_drift=None)  # the cost bias alone, unguarded
     r.begin_step(sample(power_w=250.0), 10.0)
     assert torch.equal(r.bias, torch.zeros(E))  # under target, neutral adapter
     r.begin_step(sample(power_w=450.0), 10.0)  # 50 % over: bias = -0.5 * normalised energy
@@ -204,11 +212,13 @@ def test_missing_telemetry_reading_is_no_strain():
     assert all(math.isfinite(v) for v in terms.values()) and terms["power"] == 0.0
 
 
+@pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("power_w, temp_c, latency_ms", [(450.0, 90.0, 150.0), (250.0, 60.0, 10.0)])
-def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms):
-    """update_ttha's closed-form bias gradient equals autograd through ttha_loss (same Adam step)."""
+def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms, decode):
+    """update_ttha's closed-form bias gradient equals autograd through ttha_loss (same Adam step); in decode
+    the hardware terms are the expected-activation cost (objective.expected_cost under autograd)."""
     torch.manual_seed(0)
-    a, b = make_router(), make_router()
+    a, b = make_router(decode=decode), make_router(decode=decode)
     b.adapter.load_state_dict(a.adapter.state_dict())
     with torch.no_grad():  # a non-neutral adapter, so every path of the gradient is exercised
         for r in (a, b):
@@ -293,3 +303,43 @@ def test_update_during_the_next_step_learns_from_the_staged_step():
     for a, b in zip(t_end, t_next):
         assert a == pytest.approx(b, rel=1e-6)
     assert torch.allclose(p_end, p_next, rtol=1e-6, atol=1e-7) and float(p_end.abs().sum()) > 0
+
+
+@pytest.mark.slow
+def test_quality_guard_keeps_perplexity_within_2_percent_of_static_far_over_target(compose_cfg, tmp_path):
+    """A small pretrained MoE LM served with the default router and objective while the power reads 4x its
+    target: without the guard the cost bias and the adapter reroute so many tokens that perplexity rises by
+    about a third; with it TTHA still moves routing (a non-zero, guard-scaled bias) at <= 2 % perplexity."""
+    from ttha import data, model as model_mod, pretrain
+
+    cfg = compose_cfg("model.d_model=64", "model.d_ff=128", "pretrain.steps=150", "pretrain.batch_size=16",
+                      "pretrain.seq_len=64", "pretrain.eval_batches=2", "pretrain.warmup_steps=10",
+                      f"pretrain.cache_dir={tmp_path}")
+    torch.manual_seed(0)
+    corpus = data.cached_corpus(cfg.data, tmp_path)
+    model, _ = pretrain.load_or_train(cfg, torch.device("cpu"), corpus)
+    model_mod.quantize_experts(model, list(cfg.experts.bits), int(cfg.experts.group_size))
+    model.eval()
+    bits = model_mod.expert_bits(model)
+    hot = sample(power_w=4 * 120.0, util_pct=100.0)
+    targets = OmegaConf.create({"power_w": 120.0, "temp_c": 80.0, "latency_ms": 100.0})
+    batches = list(data.stream_batches(corpus.test, 4, 64, 40))
+    ppl, bias, scale = {}, {}, {}
+    for name in ("static", "ttha"):
+        router = AdaptiveRouter(cfg.model.n_experts, cfg.model.top_k, bits, KernelCostModel.load(None),
+                                conf("router", name), cfg.objective, targets, "cpu")
+        model.set_router(router)
+        nll, n = 0.0, 0
+        for i, batch in enumerate(batches):  # the serving loop: bias, prequential loss, update every 2nd step
+            router.begin_step(hot, 10.0)
+            with torch.no_grad():
+                logits = model(batch[:, :-1])
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           batch[:, 1:].reshape(-1), reduction="sum"))
+            n += batch[:, 1:].numel()
+            router.stage()
+            if i % 2 == 0:
+                router.update_ttha(hot, 10.0, nll / n)
+        ppl[name], bias[name], scale[name] = math.exp(nll / n), router.bias, router.guard_scale
+    assert float(bias["ttha"].abs().max()) > 0.05 and scale["ttha"] < 1.0  # TTHA acts, the guard binds
+    assert ppl["ttha"] <= 1.02 * ppl["static"], ppl

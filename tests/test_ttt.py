@@ -129,10 +129,9 @@ def test_skip_does_no_work():
         trainer.step(batch(), "half")
 
 
-def test_light_step_on_the_moe_model():
+def test_light_step_on_the_moe_model(compose_cfg):
     model_mod = pytest.importorskip("ttha.model")
-    cfg = OmegaConf.load(__import__("pathlib").Path(__file__).parents[1] / "conf" / "model" / "tiny.yaml")
-    cfg.dtype = "fp32"
+    cfg = compose_cfg("model=tiny", "model.dtype=fp32").model
     torch.manual_seed(0)
     model = model_mod.MoELM(cfg)
     light = {id(p) for p in light_parameters(model)}

@@ -1,25 +1,34 @@
-"""Hardware-adaptive MoE routing: AdaptiveRouter, ExpertLoadBalancer and the TTHA loss (the adapter: adapter.py).
+"""Hardware-adaptive MoE routing: AdaptiveRouter, ExpertLoadBalancer and the TTHA loss (the adapter: adapter.py;
+the expected-activation cost and the quality guard: objective.py).
 
 The router plugs into MoELM.set_router: (gate logits [T, E] fp32, layer) -> (weights [T, k], indices [T, k])
-= top-k of softmax(logits + bias), renormalised. For router.name == 'ttha' the bias is
+= top-k of softmax(logits + bias), renormalised; a decode step records its gate logits with record_decode.
+For router.name == 'ttha' the bias is
 
+    alpha x clamp(adapter bias + cost bias)
     adapter bias   TTHAAdapter(cost features [E, C], hardware features [H]) -> [E], learned online
-  + cost bias      -cost_bias_scale * (s_power * energy_e + s_temp * energy_e + s_latency * latency_e)
+    cost bias      -cost_bias_scale * (s_power * energy_e + s_temp * energy_e + s_latency * latency_e)
+    alpha          the quality guard: the largest scale in [0, 1] that keeps the mean KL(gate || routed) of
+                   the last recorded gate probabilities within router.max_drift
 
 where s_x = max(0, reading / target - 1) (how far a reading is over its target) and energy_e, latency_e
-are the expert's per-token costs from the KernelCostModel, normalised by the most expensive expert.
-The static router adds no bias.
+are the expert's costs from the KernelCostModel, normalised by the most expensive expert: per token for the
+batch workloads, per activation (one read of its weights) in decode, where the cost bias is further scaled by
+how likely the expert is to be idle in the step (waking an idle expert costs its read, adding a token to one
+that is read anyway costs about nothing). The static router adds no bias.
 
 The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls
 (DESIGN.md): each hardware term is (a constant over-target factor) x (expected cost under the current
-soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality.
+soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality. The expected
+cost is the per-token share x cost for the batch workloads (an expert there runs on every token routed to
+it, so its cost grows with its tokens), and sum_e P(e activated) * c_e in decode (objective.py).
 
 Cost: the adapter, its optimizer and the loss live on the CPU. They are a few hundred parameters and
 [E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs.
 stage() takes the gate softmax of a strided subsample of the step's recorded logits (at most
-router.loss_tokens rows) where the logits are and copies it to the host once; update_ttha works from it in
-closed form, in numpy (torch's per-op overhead on tensors this small outweighs the arithmetic); the bias goes
-back to the routing device once a step.
+router.loss_tokens rows; in decode every row, the layers' tokens kept apart) where the logits are and copies it
+to the host once; update_ttha works from it in closed form, in numpy (torch's per-op overhead on tensors this
+small outweighs the arithmetic); the bias goes back to the routing device once a step.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from ttha.adapter import COST_FEATURES, HW_FEATURES, HostAdam, TTHAAdapter
 from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import softmax_topk
+from ttha.objective import activation_np, guard_scale, loss_autograd, loss_closed_form, terms
 
 RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
 
@@ -93,22 +103,27 @@ class ExpertLoadBalancer:
 
 
 class AdaptiveRouter:
-    """Routes with gate logits + TTHA biases; records gate logits and expert usage per step."""
+    """Routes with gate logits + TTHA biases; records gate logits and expert usage per step. decode: the
+    steps are decode steps (record_decode), whose cost is which experts they activate."""
 
     def __init__(self, n_experts: int, top_k: int, expert_bits, cost_model: KernelCostModel, router_cfg,
-                 objective_cfg, targets_cfg, device=None):
+                 objective_cfg, targets_cfg, device=None, decode: bool = False):
         if not 1 <= int(top_k) <= int(n_experts):
             raise ValueError(f"top_k={top_k!r}: must be in 1..n_experts={n_experts}")
         bits = [int(b) for b in expert_bits]
         if len(bits) != n_experts:
             raise ValueError(f"expert_bits: expected {n_experts} entries, got {len(bits)}")
         self.n_experts, self.top_k, self.bits = int(n_experts), int(top_k), bits
-        self.cost_model = cost_model
+        self.cost_model, self.decode = cost_model, bool(decode)
         self.device = torch.device(device if device is not None else "cpu")
         self.name = str(option(router_cfg, "name", "static"))
         self.adaptive = self.name == "ttha"
         self.cost_bias_scale = float(option(router_cfg, "cost_bias_scale", 0.0))
         self.max_bias = float(option(router_cfg, "max_bias", 6.0))
+        drift = option(router_cfg, "max_drift", None)
+        self.max_drift = None if drift is None else float(drift)
+        if self.max_drift is not None and not self.max_drift >= 0:
+            raise ValueError(f"router.max_drift={drift!r}: must be >= 0 (or null: no quality guard)")
         self.loss_tokens = int(option(router_cfg, "loss_tokens", 2048))
         if self.loss_tokens < 1:
             raise ValueError(f"router.loss_tokens={self.loss_tokens!r}: must be >= 1")
@@ -123,7 +138,7 @@ class AdaptiveRouter:
         self.balancer = ExpertLoadBalancer(self.n_experts, float(option(router_cfg, "balancer_alpha", 0.1)))
 
         self._cost_batch = None  # per-expert tokens the cost features were computed for
-        self.cost_features = self._expert_cost_features(64.0)
+        self.cost_features = self._decode_cost_features() if self.decode else self._expert_cost_features(64.0)
         self.adapter = self.optimizer = None
         if self.adaptive:
             self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
@@ -137,25 +152,41 @@ class AdaptiveRouter:
         self._folded = True
         self._usage: torch.Tensor | None = None
         self._staged_counts: torch.Tensor | None = None  # this step's expert counts [E], on the host
-        self._staged_probs: torch.Tensor | None = None  # gate probs [E, N] on the host, for the next update
+        self._staged_probs = None  # (gate probs [E, N] on the host, layers), for the next update
+        self._gate_q: tuple | None = None  # (the last gate probs [E, N] seen, layers): the guard's reference
+        self._alpha = 1.0  # the guard's scale of this step's bias
 
     # ---- costs and features ------------------------------------------------------------------------
+    def _features(self, lat: torch.Tensor, costs) -> torch.Tensor:
+        """[E, 3]: latency, energy (latency when unknown), throughput, each divided by its maximum."""
+        energy = (lat.clone() if any(c.energy_j is None for c in costs)
+                  else torch.tensor([c.energy_j for c in costs], dtype=torch.float32))
+        tput = 1.0 / lat.clamp_min(1e-9)
+        feats = torch.stack([lat / lat.max(), energy / energy.max().clamp_min(1e-30), tput / tput.max()], dim=-1)
+        self.cost_features = feats  # CPU, like the adapter
+        self._cost_np = feats.numpy()
+        # what the loss weighs: in decode the throughput bonus rewards a shorter expected read time of the
+        # step's activated experts (tokens/s of a step), not activating fast experts
+        self._loss_np = (np.stack([self._cost_np[:, 0], self._cost_np[:, 1], -self._cost_np[:, 0]], 1)
+                         if self.decode else self._cost_np)
+        return feats
+
     def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
-        """[E, 3]: per-token latency, energy and throughput of each expert at this per-expert batch,
-        each divided by its maximum over the experts (energy falls back to latency when unknown)."""
+        """Per-token costs of each expert at this per-expert batch (the batch workloads)."""
         tokens_per_expert = max(1.0, float(tokens_per_expert))
         if self._cost_batch == tokens_per_expert:
             return self.cost_features
         costs = [self.cost_model.get_cost(expert_op(b), tokens_per_expert) for b in self.bits]
-        lat = torch.tensor([c.latency_ms for c in costs], dtype=torch.float32)
-        energy = (lat.clone() if any(c.energy_j is None for c in costs)
-                  else torch.tensor([c.energy_j for c in costs], dtype=torch.float32))
-        tput = 1.0 / lat.clamp_min(1e-9)
-        feats = torch.stack([lat / lat.max(), energy / energy.max(), tput / tput.max()], dim=-1)
         self._cost_batch = tokens_per_expert
-        self.cost_features = feats  # CPU, like the adapter
-        self._cost_np = feats.numpy()
-        return self.cost_features
+        return self._features(torch.tensor([c.latency_ms for c in costs], dtype=torch.float32), costs)
+
+    def _decode_cost_features(self) -> torch.Tensor:
+        """Per-activation costs (decode): what an expert adds to a step when it serves one token, i.e. one read
+        of its weights (the cost model's grouped decode table; the per-expert op where it has none)."""
+        reader = getattr(self.cost_model, "decode_cost", None)
+        costs = [reader(b, 1) if reader else self.cost_model.get_cost(expert_op(b), 1) for b in self.bits]
+        lat = torch.tensor([max(c.latency_ms, 1e-9) for c in costs], dtype=torch.float32)
+        return self._features(lat, costs)
 
     def over_target(self, sample, latency_ms: float) -> dict[str, float]:
         """How far each reading is over its target, >= 0 (0 at or under target)."""
@@ -181,19 +212,33 @@ class AdaptiveRouter:
     def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
         return torch.from_numpy(self._hw_np(sample, latency_ms))
 
-    def _cost_bias_np(self, strain: dict[str, float]) -> np.ndarray:
-        """-scale x (energy strain x energy_e + latency strain x latency_e): [E], zero under every target."""
+    def _cost_bias_np(self, strain: dict[str, float], idle=None) -> np.ndarray:
+        """-scale x (energy strain x energy_e + latency strain x latency_e) [x idle_e in decode]: [E], zero
+        under every target."""
         k = -self.cost_bias_scale
-        return self._cost_np[:, :2] @ np.array([k * strain["latency"], k * (strain["power"] + strain["temp"])],
+        bias = self._cost_np[:, :2] @ np.array([k * strain["latency"], k * (strain["power"] + strain["temp"])],
                                                dtype=np.float32)
+        return bias if idle is None else (bias * idle).astype(np.float32)
 
-    def _bias_np(self, sample, latency_ms: float):
-        """(clamped total bias [E], the adapter's saved forward or None) from numpy on the host."""
-        bias, saved = self._cost_bias_np(self.over_target(sample, latency_ms)), None
+    def _raw_bias_np(self, sample, latency_ms: float, idle=None):
+        """(clamped adapter + cost bias [E], the adapter's saved forward or None), before the guard."""
+        bias, saved = self._cost_bias_np(self.over_target(sample, latency_ms), idle), None
         if self.adaptive:
             adapter_bias, saved = self.adapter.forward_np(self._cost_np, self._hw_np(sample, latency_ms))
             bias = bias + adapter_bias
         return np.clip(bias, -self.max_bias, self.max_bias), saved
+
+    def _step_bias(self, sample, latency_ms: float, gate: tuple | None):
+        """(guard scale alpha, clamped bias before the guard [E], the adapter's saved forward, decode idle
+        factors) for gate probabilities gate = (q [E, N], layers): the last record when a step is routed (None:
+        none yet), the step's own in the loss."""
+        q, layers = gate if gate is not None else (None, None)
+        idle = None
+        if self.decode:  # P(e idle) under the gate alone, averaged over the layers; unknown: every expert idle
+            idle = np.ones(self.n_experts, dtype=np.float32) if q is None else \
+                (1.0 - activation_np(q.T.reshape(layers, -1, self.n_experts), self.top_k)[0].mean(0))
+        raw, saved = self._raw_bias_np(sample, latency_ms, idle)
+        return guard_scale(q, raw, self.max_drift), raw, saved, idle
 
     # ---- the routing callable ----------------------------------------------------------------------
     def begin_step(self, sample, latency_ms: float) -> None:
@@ -207,7 +252,10 @@ class AdaptiveRouter:
         if not self.adaptive:
             self._bias = None
             return
-        bias = torch.from_numpy(self._bias_np(sample, latency_ms)[0])
+        if self._staged_probs is not None:  # a staged record not yet learned from is the newest gate record
+            self._gate_q = (self._staged_probs[0].numpy(), self._staged_probs[1])
+        self._alpha, raw, _, _ = self._step_bias(sample, latency_ms, self._gate_q)
+        bias = torch.from_numpy((self._alpha * raw).astype(np.float32))
         # from pinned memory, queued: a synchronous copy waits for the GPU, which another process (the
         # stressor) may hold for a time slice
         self._bias = bias.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else bias
@@ -230,14 +278,30 @@ class AdaptiveRouter:
         # One record per layer per step: the serving (prequential) forward; a TTT forward of the same
         # batch routes the same tokens again and must not double the usage or the loss.
         if layer not in self._logits:
-            self._logits[layer] = logits.detach().float()
-            if self._counts.device != indices.device:
-                self._counts = self._counts.to(indices.device)
             flat = indices.flatten()  # index_add_, not bincount: bincount syncs the GPU to size its output
-            self._counts.index_add_(0, flat, torch.ones_like(flat))
-            self._folded, self._usage = False, None
-            self._update_cost_batch(logits.shape[0])
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+            self._record(layer, logits, counts.index_add_(0, flat, torch.ones_like(flat)))
+            if not self.decode:
+                self._update_cost_batch(logits.shape[0])
         return weights, indices
+
+    def _record(self, layer: int, logits: torch.Tensor, counts: torch.Tensor) -> None:
+        self._logits[layer] = logits.detach().float()
+        if self._counts.device != counts.device:
+            self._counts = self._counts.to(counts.device)
+        self._counts += counts.to(self._counts.dtype)
+        self._folded, self._usage = False, None
+
+    def record_decode(self, gate_logits: torch.Tensor, counts: torch.Tensor) -> None:
+        """Record a decode step routed elsewhere (ttha.decode.Decoder): its gate logits [L, B, E] and per-layer
+        expert counts [L, E], as the routing callable records a forward; layers already recorded are kept."""
+        if gate_logits.dim() != 3 or gate_logits.shape[-1] != self.n_experts or counts.shape != (
+                gate_logits.shape[0], self.n_experts):
+            raise ValueError(f"record_decode: expected gate logits [L, B, {self.n_experts}] and counts "
+                             f"[L, {self.n_experts}], got {list(gate_logits.shape)} and {list(counts.shape)}")
+        for layer in range(gate_logits.shape[0]):
+            if layer not in self._logits:
+                self._record(layer, gate_logits[layer], counts[layer])
 
     def _update_cost_batch(self, tokens: int) -> None:
         per_expert = float(2 ** round(math.log2(max(1.0, tokens * self.top_k / self.n_experts))))
@@ -271,13 +335,19 @@ class AdaptiveRouter:
             return torch.zeros(self.n_experts)
         return self._bias.detach().cpu().clone()
 
+    @property
+    def guard_scale(self) -> float:
+        """The quality guard's scale of this step's bias (1: the bias as learned, 0: routed as the gate)."""
+        return float(self._alpha)
+
     # ---- the TTHA loss -----------------------------------------------------------------------------
     def _subsampled_logits(self) -> torch.Tensor:
-        """This step's gate logits of all layers, at most loss_tokens rows (strided), on the routing device."""
+        """This step's gate logits of all layers (layer-major), at most loss_tokens rows (strided) except in
+        decode (the loss needs each layer's tokens of the step), on the routing device."""
         if not self._logits:
             raise RuntimeError("update_ttha: no gate logits recorded this step (call the model after begin_step)")
-        logits = torch.cat(list(self._logits.values()), dim=0)  # [L*T, E]
-        if logits.shape[0] > self.loss_tokens:  # strided subsample: every layer and position range kept
+        logits = torch.cat([self._logits[k] for k in sorted(self._logits)], dim=0)  # [L*T, E]
+        if logits.shape[0] > self.loss_tokens and not self.decode:  # strided: every layer and position range
             step = logits.shape[0] / self.loss_tokens
             rows = (torch.arange(self.loss_tokens, device=logits.device) * step).long()
             logits = logits.index_select(0, rows)
@@ -294,16 +364,19 @@ class AdaptiveRouter:
         probs = self._gate_probs_on_device() if for_update else None
         self._staged_counts = _to_host_async(self._counts) if self._counts.is_cuda else self._counts.clone()
         if probs is not None:
-            self._staged_probs = _to_host_async(probs) if probs.is_cuda else probs
+            self._staged_probs = (_to_host_async(probs) if probs.is_cuda else probs, len(self._logits))
 
     def _gate_probs_on_device(self) -> torch.Tensor:
         """q = softmax(gate logits) of the subsampled rows, experts-major [E, N] contiguous."""
         return torch.softmax(self._subsampled_logits(), dim=-1).t().contiguous()
 
-    def _gate_probs(self) -> torch.Tensor:
-        """q [E, N] on the CPU: the last staged record (consumed), else this step's recorded logits."""
-        probs, self._staged_probs = self._staged_probs, None
-        return probs if probs is not None else self._gate_probs_on_device().cpu()
+    def _gate_probs(self) -> tuple[np.ndarray, int]:
+        """(q [E, N] on the CPU, layers): the last staged record (consumed), else this step's records."""
+        staged, self._staged_probs = self._staged_probs, None
+        if staged is None:
+            staged = (self._gate_probs_on_device().cpu(), len(self._logits))
+        self._gate_q = (staged[0].numpy(), staged[1])  # also the guard's reference for the next steps
+        return self._gate_q
 
     def _term_weights(self, sample, latency_ms: float) -> np.ndarray:
         """[3, 4]: expected (latency, energy, throughput) -> (power, temp, latency, throughput_bonus) terms.
@@ -314,60 +387,39 @@ class AdaptiveRouter:
                           0.0, 0.0],
                          [0.0, 0.0, 0.0, o["throughput_weight"]]], dtype=np.float32)
 
-    @staticmethod
-    def _terms(task, hw, drift) -> dict:
-        return {"task": task, "power": hw[0], "temp": hw[1], "latency": hw[2], "throughput_bonus": hw[3],
-                "drift": drift, "total": task + hw[0] + hw[1] + hw[2] - hw[3] + drift}  # tensors or floats
-
     def ttha_loss(self, sample, latency_ms: float, task_loss: float) -> dict[str, torch.Tensor]:
         """The loss terms from this step's recorded gate logits, as an autograd graph: 'total' carries
-        gradient to the adapter through the routing probabilities p = softmax(logits + bias).
-        The reference for update_ttha, which computes the same values and gradient in closed form."""
+        gradient to the adapter through the routing probabilities p = softmax(logits + bias). The bias is the
+        learned one, before the quality guard: the adapter learns the objective's optimum and the guard bounds
+        how much of it routing applies (the guard scales a bias that moves routing too far; scaled inside the
+        loss, the learned bias would grow without end while its applied part stays on the bound). The reference for update_ttha (same values and gradient)."""
         logits = self._subsampled_logits().cpu()
-        bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms)))
+        layers = len(self._logits)
+        idle = self._step_bias(sample, latency_ms, (torch.softmax(logits, -1).t().numpy(), layers))[3]
+        bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
             bias = bias + self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
         bias = bias.clamp(-self.max_bias, self.max_bias)
-        log_p = torch.log_softmax(logits + bias, dim=-1)
-        p_bar = log_p.exp().mean(0)  # expected share per expert over tokens and layers
-        log_q = torch.log_softmax(logits, dim=-1)  # what the gate wants
-        drift = self.obj["task_weight"] * (log_q.exp() * (log_q - log_p)).sum(-1).mean()  # KL(gate || routed)
-        hw = (p_bar @ self.cost_features) @ torch.from_numpy(self._term_weights(sample, latency_ms))
-        return self._terms(torch.tensor(float(task_loss)), hw, drift)
+        hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
+                                  self._term_weights(sample, latency_ms), self.obj["task_weight"],
+                                  layers if self.decode else None, self.top_k)
+        return terms(torch.tensor(float(task_loss)), hw, drift)
 
     def update_ttha(self, sample, latency_ms: float, task_loss: float) -> dict[str, float]:
         """One Adam step of the adapter on the TTHA loss of the last routing staged by stage(), or of this
         step's recorded routing when none is staged; no model forward. Returns the terms as floats. The static
         router computes the terms and learns nothing. sample and latency_ms are the readings the staged step
-        was routed under.
-
-        Same values and gradient as ttha_loss (tests check both against autograd), in closed form from the
-        gate probabilities q [E, N] alone (the host touches [E, N] in three matrix products), in numpy.
-        With e_i = exp(b_i - max b), S_n = sum_i q_in e_i, p_in = q_in e_i / S_n = softmax(logits + b):
-            p_bar  = e * mean_n(q_n / S_n)
-            drift  = task_weight * KL(q || p) = task_weight * (mean_n log S_n + max b - b . q_bar)
-            d total / d b = p_bar * c - mean_n p_n (p_n . c) + task_weight * (p_bar - q_bar),
-                   mean_n p_n (p_n . c) = e * mean_n(q_n (e c) . q_n / S_n^2)
-        with c = the per-expert cost vector of the weighted hardware terms (throughput bonus negative)."""
-        q = self._gate_probs().numpy()
-        w = self._term_weights(sample, latency_ms)
-        f, tw = self._cost_np, self.obj["task_weight"]
-        bias, saved = self._bias_np(sample, latency_ms)
-        b_max = bias.max()
-        e = np.exp(bias - b_max)
-        c = f @ (w @ np.array([1.0, 1.0, 1.0, -1.0], dtype=np.float32))
-        s = e @ q  # [N]
-        r = 1.0 / s
-        cols = np.stack([r, ((e * c) @ q) * r * r, np.ones_like(r)], axis=1)
-        moments = (q @ cols) / q.shape[1]  # [E, 3]: mean_n q/S, mean_n q (ec.q)/S^2, q_bar
-        p_bar, q_bar = e * moments[:, 0], moments[:, 2]
-        drift = tw * (float(np.log(s).mean()) + float(b_max) - float(bias @ q_bar))
-        values = [float(v) for v in (p_bar @ f) @ w] + [drift]
+        was routed under. Same values and gradient as ttha_loss, in closed form from the gate probabilities
+        (objective.loss_closed_form), in numpy."""
+        q, layers = self._gate_probs()
+        raw, saved = self._step_bias(sample, latency_ms, (q, layers))[1:3]
+        values, drift, grad = loss_closed_form(q, raw, self._loss_np,
+                                               self._term_weights(sample, latency_ms), self.obj["task_weight"],
+                                               layers if self.decode else None, self.top_k)
         if self.adaptive:
-            grad = p_bar * c - e * moments[:, 1] + tw * (p_bar - q_bar)
-            grad = (grad * (np.abs(bias) < self.max_bias)).astype(np.float32)  # no gradient through the clamp
+            grad = (grad * (np.abs(raw) < self.max_bias)).astype(np.float32)  # none through the clamp
             grads = self.adapter.grads_np(saved, grad)
             for param, g in zip(self._adapter_params, grads):  # inspectable, as after backward()
                 param.grad = torch.from_numpy(g)
             self.optimizer.step(grads)
-        return self._terms(float(task_loss), values[:4], values[4])
+        return terms(float(task_loss), values, drift)
