@@ -1,29 +1,24 @@
 """Optuna sweeper plugin (hydra_plugins/ttha_sweeper) against the small app in tests/sweep_app.
 
-Sweeps run in-process (basic launcher) to share one set of imports; the killed-sweep and the parallel
-(joblib) tests run in a subprocess. MLflow results are read straight from its sqlite file.
+Sweeps run in-process (basic launcher) to share one set of imports; the parallel (joblib) test runs in a
+subprocess. MLflow results are read straight from its sqlite file. Resumed, killed and concurrent sweeps:
+test_sweeper_resume.py.
 """
-import importlib.util
 import math
-import os
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import CompactHydraException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from sweep_app.harness import (APP_DIR, children, mlflow_runs, parents, run_app, run_subprocess, states,
+                               study)
 
 from hydra_plugins.ttha_sweeper import _space
 from hydra_plugins.ttha_sweeper._errors import SweepConfigError
 from hydra_plugins.ttha_sweeper.config import register_named_sweeps
 
-APP_DIR = Path(__file__).parent / "sweep_app"
-APP = APP_DIR / "app.py"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -34,63 +29,9 @@ def mlflow_db(tmp_path_factory):
     return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
 
 
-def _load_app():
-    spec = importlib.util.spec_from_file_location("sweep_app_main", APP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_app(monkeypatch, tmp_path, db, *overrides) -> int:
-    """`python app.py -m hydra/sweeper=optuna <overrides>` in-process, launched from tmp_path; exit code."""
-    app = _load_app()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["app.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
-                                      "hydra.sweep.dir=multirun", f"tracking.uri=sqlite:///{db}", *overrides])
-    GlobalHydra.instance().clear()
-    try:
-        app.main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        GlobalHydra.instance().clear()
-    return 0
-
-
-def study(tmp_path, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/outputs/optuna.db")
-
-
-def states(tmp_path, name):
-    return sorted(t.state.name for t in study(tmp_path, name).trials)
-
-
-def mlflow_runs(db):
-    """{run_id: {"status", "tags", "params"}} from the MLflow sqlite file."""
-    con = sqlite3.connect(db)
-    runs = {rid: {"status": status, "tags": {}, "params": {}}
-            for rid, status in con.execute("select run_uuid, status from runs")}
-    for key, value, rid in con.execute("select key, value, run_uuid from tags"):
-        runs[rid]["tags"][key] = value
-    for key, value, rid in con.execute("select key, value, run_uuid from params"):
-        runs[rid]["params"][key] = value
-    con.close()
-    return runs
-
-
 def error_lines(capsys):
     """stderr without Hydra's standard hint about HYDRA_FULL_ERROR."""
     return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
-
-
-def children(runs, parent_id):
-    return {int(r["tags"]["trial_number"]): r for r in runs.values()
-            if r["tags"].get("mlflow.parentRunId") == parent_id}
-
-
-def parents(runs, study_name):
-    return [rid for rid, r in runs.items()
-            if "mlflow.parentRunId" not in r["tags"] and r["tags"].get("study_name") == study_name]
 
 
 # -- grammar --------------------------------------------------------------------------------------------
@@ -226,7 +167,13 @@ def test_named_multi_objective_sweep_writes_the_pareto_front(monkeypatch, tmp_pa
     (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: must be an integer > 0"),
     (["hydra.sweeper.max_failure_rate=2"], "hydra.sweeper.max_failure_rate=2"),
     (["nosuchkey=interval(0, 1)"], "hydra.sweeper.params="),
-    (["hydra.sweeper.custom_search_space=nowhere.fn"], "hydra.sweeper.custom_search_space='nowhere.fn': cannot import"),
+    (["hydra.sweeper.custom_search_space=hydra_plugins.nowhere.fn"],
+     "hydra.sweeper.custom_search_space='hydra_plugins.nowhere.fn': cannot import"),
+    (["hydra.sweeper.custom_search_space=os.system"],  # only the sweeps' own code is imported
+     "hydra.sweeper.custom_search_space='os.system': must name a function f(cfg, trial) of a module under "
+     "ttha.sweeps or hydra_plugins"),
+    (["hydra.sweeper.custom_search_space=hydra_plugins.ttha_sweeper.config.dataclass"],  # lent, not defined there
+     "hydra.sweeper.custom_search_space='hydra_plugins.ttha_sweeper.config.dataclass': is not a function defined"),
 ])
 def test_bad_input_is_one_line_before_any_trial(monkeypatch, tmp_path, mlflow_db, capsys, overrides, start):
     rc = run_app(monkeypatch, tmp_path, mlflow_db, "hydra.sweeper.study_name=bad", "x=interval(0, 1)", *overrides)
@@ -242,34 +189,11 @@ def test_unknown_sampler_group_is_rejected(monkeypatch, tmp_path, mlflow_db, cap
     assert not (tmp_path / "outputs").exists()
 
 
-# -- killed sweeps and parallel trials (subprocesses) ----------------------------------------------------
-
-def _subprocess(tmp_path, db, *overrides, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(APP_DIR.parents[1])}
-    cmd = [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0",
-           "hydra.sweep.dir=multirun", f"tracking.uri=sqlite:///{db}", *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-def test_killed_sweep_resumes_and_finishes_with_the_right_count(tmp_path, mlflow_db):
-    args = ["hydra.sweeper.study_name=k", "hydra.sweeper.n_trials=3", "x=interval(0, 1)", "kill_trial=1"]
-    first = _subprocess(tmp_path, mlflow_db, *args)
-    assert first.returncode == -9, first.stderr[-2000:]
-    assert states(tmp_path, "k") == ["COMPLETE", "RUNNING"]
-    second = _subprocess(tmp_path, mlflow_db, *args)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert [t.state.name for t in study(tmp_path, "k").trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    runs = mlflow_runs(mlflow_db)
-    [parent] = parents(runs, "k")
-    kids = children(runs, parent)
-    assert kids[1]["status"] == "KILLED" and runs[parent]["status"] == "FINISHED"
-    assert [kids[n]["status"] for n in (0, 2, 3)] == ["FINISHED"] * 3
-
+# -- parallel trials (a subprocess) ---------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_two_parallel_jobs_on_sqlite_record_every_trial(tmp_path, mlflow_db):
-    proc = _subprocess(tmp_path, mlflow_db, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+    proc = run_subprocess(tmp_path, mlflow_db, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
                        "hydra.sweeper.study_name=p", "hydra.sweeper.n_trials=4", "x=interval(0, 1)", "sleep_s=0.2",
                        "hydra.sweeper.devices=[cuda:0,cuda:1]")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,89 +5,30 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from ttha import paths
 from ttha.tracking import default_uri, failure_line
 
-from . import _results, _space
+from . import _results, _sampler, _space, _trials
 from ._errors import SweepConfigError, SweepStopped
 from ._mlflow import SweepTracking
+from ._storage import make_storage, masked
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
-OWNER_ATTR = "sweeper_owner"  # host:pid of the sweep that asked the trial (stale RUNNING trials on resume)
 K = "hydra.sweeper."
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def make_storage(url: str, launch_dir: Path) -> tuple[Any, str]:
-    """(Optuna storage, absolute URL). sqlite waits up to 60 s on a lock: parallel sweeps share one file."""
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url.removeprefix("journal:"))
-        path = path if path.is_absolute() else launch_dir / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path))), f"journal:{path}"
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        path = path if path.is_absolute() else launch_dir / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{path}"
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}), url
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url
-    except Exception as err:  # an unknown dialect, a missing driver, a server that does not answer
-        raise SweepConfigError(K + "storage", _masked(url), str(err).splitlines()[0]) from None
-
-
-def _masked(url: str) -> str:
-    """The storage URL without a password, for tags and logs."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
-
-
-def _grid_values(key: str, dist: Any) -> list[Any]:
-    if isinstance(dist, CategoricalDistribution):
-        return list(dist.choices)
-    if isinstance(dist, IntDistribution) and not dist.log:
-        return list(range(dist.low, dist.high + 1, dist.step))
-    if isinstance(dist, FloatDistribution) and dist.step is not None:
-        n = int(round((dist.high - dist.low) / dist.step)) + 1
-        return [round(dist.low + i * dist.step, 12) for i in range(n)]
-    raise SweepConfigError(key, dist, "the grid sampler needs discrete values (choice or range)")
+MAX_SKIPS = 100  # asks in a row that only repeat known parameter sets: the search space is used up
 
 
 class SweepRunner:
@@ -136,31 +77,8 @@ class SweepRunner:
         s["objective_names"] = objectives or [f"value_{i}" for i in range(len(directions))]
         s["extender"] = None
         if s["custom_search_space"]:
-            try:
-                s["extender"] = get_method(s["custom_search_space"])
-            except Exception as err:
-                raise SweepConfigError(K + "custom_search_space", s["custom_search_space"],
-                                       f"cannot import it ({failure_line(err)})") from None
+            s["extender"] = _space.search_space_function(s["custom_search_space"])
         return s
-
-    def make_sampler(self, space: _space.SearchSpace) -> tuple[Any, int | None]:
-        """(sampler, grid size or None)."""
-        conf = self.settings.get("sampler")
-        conf = OmegaConf.to_container(conf, resolve=True) if isinstance(conf, DictConfig) else dict(conf or {})
-        target = conf.get("_target_", "")
-        grid = None
-        if target == "optuna.samplers.GridSampler":
-            values = {k: _grid_values(f"{K}params.{k}", d) for k, d in space.distributions.items()}
-            conf["search_space"] = values
-            grid = math.prod(len(v) for v in values.values())
-        if not str(target).startswith("optuna.samplers."):
-            raise SweepConfigError(K + "sampler._target_", target, "unknown sampler (expected optuna.samplers.*)")
-        try:
-            return instantiate(conf, _convert_="all"), grid
-        except Exception as err:
-            cause = err.__cause__ or err
-            raise SweepConfigError(K + "sampler._target_", target,
-                                   f"cannot build the sampler ({failure_line(cause)})") from None
 
     def dry_compose(self, space: _space.SearchSpace) -> None:
         """Compose one trial's config: an unknown key fails here in one line, not in every trial."""
@@ -184,8 +102,8 @@ class SweepRunner:
     def sweep(self, arguments: list[str]) -> Any:
         s = self.validate()
         space = _space.build(self._setting("params"), list(arguments))
-        sampler, grid = self.make_sampler(space)
-        n_trials = min(s["n_trials"], grid) if grid else s["n_trials"]
+        sampler, grid = _sampler.make_sampler(self.settings.get("sampler"), space)
+        n_trials = self.n_trials(s, space, grid)
         self.dry_compose(space)
         url = s["storage"] or f"sqlite:///{paths.outputs_root() / 'optuna.db'}"
         storage, url = make_storage(str(url), self.launch_dir)
@@ -195,17 +113,14 @@ class SweepRunner:
         except KeyError:
             existing = None
         if existing is not None and [d.name.lower() for d in existing.directions] != s["directions"]:
-            raise SweepConfigError(K + "direction", s["directions"], f"study {name!r} in {_masked(url)} was "
+            raise SweepConfigError(K + "direction", s["directions"], f"study {name!r} in {masked(url)} was "
                                    f"created with {[d.name.lower() for d in existing.directions]}")
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                     directions=s["directions"], load_if_exists=True)
-        stale = self.fail_stale_trials(study)
         tracking = self.open_tracking(s, study, url, sampler) if s["mlflow"] else None
-        if tracking and stale:
-            tracking.trials_killed(stale)
-        done = self.n_finished(study)
         log.info("Study %s in %s: %d/%d trials complete; sampler %s; directions %s; objectives %s",
-                 name, _masked(url), done, n_trials, type(sampler).__name__, s["directions"], s["objective_names"])
+                 name, masked(url), _trials.counts(study)[0], n_trials, _sampler.name(sampler), s["directions"],
+                 s["objective_names"])
         self.launcher = Plugins.instance().instantiate_launcher(
             config=self.config, hydra_context=self.hydra_context, task_function=self.task_function)
         status, stop = "FINISHED", None
@@ -225,22 +140,14 @@ class SweepRunner:
         return summary
 
     @staticmethod
-    def n_finished(study: optuna.Study) -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-    def fail_stale_trials(self, study: optuna.Study) -> list[int]:
-        """RUNNING trials whose sweep process on this host is gone (killed) → FAIL. Trials of live sweeps
-        (other hosts or processes sharing the study) are left alone."""
-        host = socket.gethostname()
-        stale = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner_host, _, pid = str(t.user_attrs.get(OWNER_ATTR, "")).rpartition(":")
-            if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)) or not t.user_attrs.get(OWNER_ATTR):
-                study.tell(t.number, state=TrialState.FAIL)
-                stale.append(t.number)
-        if stale:
-            log.warning("marked %d trial(s) left RUNNING by a killed sweep as FAIL: %s", len(stale), stale)
-        return stale
+    def n_trials(s: dict[str, Any], space: _space.SearchSpace, grid: int | None) -> int:
+        """n_trials, at most the number of distinct parameter sets when the space is finite (no repeats)."""
+        size = grid or (None if s["extender"] else _sampler.space_size(space))
+        if size is not None and size < s["n_trials"]:
+            log.info("the search space holds %d parameter set(s): %d trial(s), not n_trials=%d", size, size,
+                     s["n_trials"])
+            return size
+        return s["n_trials"]
 
     def open_tracking(self, s: dict[str, Any], study: optuna.Study, url: str,
                       sampler: Any) -> SweepTracking | None:
@@ -250,7 +157,7 @@ class SweepRunner:
             return None
         uri = tracking_cfg.get("uri") or default_uri()
         choices = self.config.hydra.runtime.get("choices", {})
-        tags = {"study_name": study.study_name, "storage": _masked(url), "sampler": type(sampler).__name__,
+        tags = {"study_name": study.study_name, "storage": masked(url), "sampler": _sampler.name(sampler),
                 "directions": ",".join(s["directions"]), "objectives": ",".join(s["objective_names"]),
                 "sweep": choices.get("sweep") or "", "sweep_dir": str(self.sweep_dir)}
         return SweepTracking(uri, tracking_cfg.get("experiment") or "Default", study, tags)
@@ -303,24 +210,35 @@ class SweepRunner:
 
     def run_trials(self, study: optuna.Study, space: _space.SearchSpace, s: dict[str, Any], n_trials: int,
                    tracking: SweepTracking | None) -> str | None:
-        """Ask/launch/tell until n_trials trials are COMPLETE; a stop message when too many fail."""
+        """Ask/launch/tell until the study holds n_trials COMPLETE trials (or other sweeps of it run the
+        rest); a stop message when too many fail or the search space is used up."""
         failures: list[str] = []
-        extender: Callable | None = s["extender"]
-        while (to_go := n_trials - self.n_finished(study)) > 0:
-            trials = [study.ask(space.distributions) for _ in range(min(s["n_jobs"], to_go))]
+        while True:
+            killed = _trials.fail_orphans(study, space.distributions)
+            if tracking and killed:
+                tracking.trials_killed(killed)
+            complete, running = _trials.counts(study)
+            to_go = n_trials - complete - running
+            if to_go <= 0:
+                if complete < n_trials and _trials.ownerless_running(study):
+                    time.sleep(1.0)  # a trial just asked by another sweep, or one left by a killed sweep
+                    continue
+                if complete < n_trials:
+                    log.info("%d trial(s) of other sweeps of this study are running: they finish it", running)
+                return None
+            trials, used_up = self.ask(study, space, s, min(s["n_jobs"], to_go), n_trials)
+            if used_up:
+                return used_up
+            if not trials:
+                continue
             try:
-                overrides = []
-                for slot, trial in enumerate(trials):
-                    trial.set_user_attr(OWNER_ATTR, _owner())
-                    if extender is not None:
-                        extender(self.config, trial)
-                    overrides.append(self.trial_overrides(trial, space, slot, s, tracking))
+                overrides = [self.trial_overrides(t, space, slot, s, tracking) for slot, t in enumerate(trials)]
                 t0 = time.perf_counter()
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 wall = time.perf_counter() - t0
             except BaseException as err:
                 for trial in trials:
-                    study.tell(trial, state=TrialState.FAIL)
+                    _trials.finish(study, trial, TrialState.FAIL)
                     if tracking and not isinstance(err, KeyboardInterrupt):
                         tracking.trial_failed(trial.number, failure_line(err), trial.params, None)
                 raise
@@ -330,10 +248,10 @@ class SweepRunner:
                 values, error = self.values(ret, s)
                 trial.set_user_attr("launch_wall_s", round(wall, 4))
                 if error is None:
-                    self._tell(study, trial, values)
+                    _trials.finish(study, trial, values=values)
                     continue
                 trial.set_user_attr("error", error)
-                study.tell(trial, state=TrialState.FAIL)
+                _trials.finish(study, trial, TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, error)
                 failures.append(error)
                 failed.append(trial)
@@ -345,20 +263,40 @@ class SweepRunner:
             if len(failures) > s["max_failure_rate"] * s["n_trials"]:
                 return (f"{K}max_failure_rate={s['max_failure_rate']}: {len(failures)} trial(s) failed, more than "
                         f"{s['max_failure_rate']} x n_trials={s['n_trials']} allow; stopping (last: {failures[-1]})")
-        return None
 
-    @staticmethod
-    def _tell(study: optuna.Study, trial: optuna.Trial, values: Sequence[float]) -> None:
+    def ask(self, study: optuna.Study, space: _space.SearchSpace, s: dict[str, Any], k: int,
+            n_trials: int) -> tuple[list[optuna.Trial], str | None]:
+        """Up to k trials to run, skipping repeated parameter sets and trials beyond n_trials;
+        (trials, a stop message when only repeats come)."""
+        trials: list[optuna.Trial] = []
+        skips = 0
         try:
-            study.tell(trial, values=values)
-        except RuntimeError as err:  # GridSampler calls study.stop() when the grid is done: harmless here
-            if "Study.stop" not in str(err):
-                raise
+            while len(trials) < k:
+                trial = study.ask(space.distributions)
+                trial.set_user_attr(_trials.OWNER_ATTR, _trials.owner())
+                if s["extender"] is not None:
+                    s["extender"](self.config, trial)
+                reason = _trials.skip_reason(study, trial, n_trials)
+                if reason is None:
+                    trials.append(trial)
+                    continue
+                _trials.skip(study, trial, reason)
+                if reason.startswith("n_trials="):
+                    break  # the other sweeps' trials make the count: ask no more now
+                skips += 1
+                if skips >= MAX_SKIPS:
+                    return trials, (f"{K}params: {MAX_SKIPS} trials in a row repeated a parameter set already "
+                                    "run; the search space seems used up, stopping")
+        except BaseException:
+            for trial in trials:
+                _trials.finish(study, trial, TrialState.FAIL)
+            raise
+        return trials, None
 
     def report(self, study: optuna.Study, s: dict[str, Any], url: str,
                tracking: SweepTracking | None) -> dict[str, Any]:
         names = s["objective_names"]
-        extra: dict[str, Any] = {"storage": _masked(url), "trial_overhead_s": None}
+        extra: dict[str, Any] = {"storage": masked(url), "trial_overhead_s": None}
         if tracking:
             extra["mlflow_parent_run_id"] = tracking.parent_id
             extra["trial_overhead_s"] = self.trial_overhead(study, tracking, s)

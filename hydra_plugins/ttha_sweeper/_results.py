@@ -23,7 +23,9 @@ def summarize(study: optuna.Study, objectives: list[str], extra: dict[str, Any])
     out: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "objectives": objectives,
                            "directions": [d.name.lower() for d in study.directions],
                            "n_complete": len(complete),
-                           "n_fail": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))), **extra}
+                           "n_fail": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
+                           "n_skipped": sum("skipped" in t.user_attrs for t in study.get_trials(deepcopy=False)),
+                           **extra}
     if not complete:
         return out
     if len(study.directions) == 1:

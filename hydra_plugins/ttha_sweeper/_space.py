@@ -6,12 +6,18 @@
     interval(low, high)        → FloatDistribution [low, high]
     tag(log, interval(...))    → log scale;  tag(int, interval(...)) → IntDistribution
     anything else              → a fixed value, passed to every trial unchanged
+
+`custom_search_space` names a function f(cfg, trial) that suggests more parameters; it must live in the
+sweeps' own code (a module of ttha.sweeps or of the hydra_plugins namespace, which Hydra imports at every
+start anyway): nothing else is imported, so a command line cannot make the sweep run arbitrary code.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
@@ -22,6 +28,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from ._errors import SweepConfigError
 
 KNOWN_TAGS = ("log", "int")
+SEARCH_SPACE_PACKAGES = ("ttha.sweeps", "hydra_plugins")
 
 
 @dataclass
@@ -142,3 +149,23 @@ def representative(dist: BaseDistribution) -> Any:
     if isinstance(dist, CategoricalDistribution):
         return dist.choices[0]
     return dist.low  # Int/FloatDistribution
+
+
+def search_space_function(path: str) -> Callable[[Any, Any], Any]:
+    """The function custom_search_space names, imported only from SEARCH_SPACE_PACKAGES."""
+    label = "hydra.sweeper.custom_search_space"
+    module, _, name = str(path).rpartition(".")
+    parts = module.split(".") + [name]
+    if not all(p.isidentifier() for p in parts) or name.startswith("_") or not any(
+            module == pkg or module.startswith(pkg + ".") for pkg in SEARCH_SPACE_PACKAGES):
+        raise SweepConfigError(label, path, "must name a function f(cfg, trial) of a module under "
+                               f"{' or '.join(SEARCH_SPACE_PACKAGES)} (module.function)")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as err:
+        from ttha.tracking import failure_line
+
+        raise SweepConfigError(label, path, f"cannot import it ({failure_line(err)})") from None
+    if not inspect.isfunction(fn) or fn.__module__ != module:  # not a name another module lends it
+        raise SweepConfigError(label, path, f"is not a function defined in {module}")
+    return fn

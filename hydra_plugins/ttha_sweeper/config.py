@@ -74,7 +74,7 @@ class OptunaSweeperConf:
     n_jobs: int = 1                      # trials launched at once through the Hydra launcher
     max_failure_rate: float = 0.0        # stop when failed trials of this run > max_failure_rate * n_trials
     params: Dict[str, Any] = field(default_factory=dict)  # key: search-space expression or fixed value
-    custom_search_space: Optional[str] = None  # dotted path of f(cfg, trial) that suggests more params
+    custom_search_space: Optional[str] = None  # module.f(cfg, trial) under ttha.sweeps or hydra_plugins: more params
     mlflow: bool = True                  # parent MLflow run + child-run overrides (needs tracking.* in the task config)
     devices: Any = None                  # null | auto | [cuda:0, cuda:1]: the k-th trial of a batch gets device=devices[k]
     importance_min_trials: int = 5       # parameter importances once this many trials are COMPLETE
