@@ -77,6 +77,20 @@ def expected_cost(p: torch.Tensor, cost: torch.Tensor, draws: int = 1) -> torch.
     return expected_activation(p, draws) @ cost
 
 
+def cost_features(costs, decode: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """(the adapter's cost features [E, 3], what the loss weighs [E, 3]) from each expert's cost model Cost:
+    latency, energy (latency when unknown), throughput, each divided by its maximum. In decode the loss's
+    throughput column is -latency: the bonus rewards a shorter expected read time of the experts a step
+    activates (its tokens/s), not activating fast experts."""
+    lat = torch.tensor([max(c.latency_ms, 1e-9) for c in costs], dtype=torch.float32)
+    energy = (lat.clone() if any(c.energy_j is None for c in costs)
+              else torch.tensor([c.energy_j for c in costs], dtype=torch.float32))
+    tput = 1.0 / lat
+    feats = torch.stack([lat / lat.max(), energy / energy.max().clamp_min(1e-30), tput / tput.max()], dim=-1)
+    f = feats.numpy()
+    return feats, (np.stack([f[:, 0], f[:, 1], -f[:, 0]], 1) if decode else f)
+
+
 # ---------------------------------------------------------------------------------------------- quality guard
 
 def drift_np(q: np.ndarray, bias: np.ndarray) -> float:

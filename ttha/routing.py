@@ -18,17 +18,12 @@ how likely the expert is to be idle in the step (waking an idle expert costs its
 that is read anyway costs about nothing). The static router adds no bias.
 
 The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls
-(DESIGN.md): each hardware term is (a constant over-target factor) x (expected cost under the current
-soft routing, differentiable), plus a routing-drift term KL(gate || routed) that keeps quality. The expected
-cost is the per-token share x cost for the batch workloads (an expert there runs on every token routed to
-it, so its cost grows with its tokens), and sum_e P(e activated) * c_e in decode (objective.py).
-
-Cost: the adapter, its optimizer and the loss live on the CPU. They are a few hundred parameters and
-[E, loss_tokens] probabilities, where a GPU would spend its time on ~100 kernel launches and syncs.
-stage() takes the gate softmax of a strided subsample of the step's recorded logits (at most
-router.loss_tokens rows; in decode every row, the layers' tokens kept apart) where the logits are and copies it
-to the host once; update_ttha works from it in closed form, in numpy (torch's per-op overhead on tensors this
-small outweighs the arithmetic); the bias goes back to the routing device once a step.
+(DESIGN.md): each hardware term is (a constant over-target factor) x (expected cost under the soft routing),
+plus a drift term KL(gate || routed) that keeps quality. The expected cost is per-token share x cost for the
+batch workloads (every expert runs anyway there; what routing changes is the tokens each one processes) and
+sum_e P(e activated) * c_e in decode (objective.py). The adapter, its optimizer and the loss live on the CPU
+in numpy (a few hundred parameters: a GPU would spend its time on launches and syncs); stage() queues the
+one device-to-host copy of the step's gate probabilities, and the bias goes back to the device once a step.
 """
 from __future__ import annotations
 
@@ -42,7 +37,7 @@ from ttha.adapter import COST_FEATURES, HW_FEATURES, HostAdam, TTHAAdapter
 from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import softmax_topk
-from ttha.objective import activation_np, guard_scale, loss_autograd, loss_closed_form, terms
+from ttha.objective import activation_np, cost_features, guard_scale, loss_autograd, loss_closed_form, terms
 
 RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
 
@@ -157,19 +152,10 @@ class AdaptiveRouter:
         self._alpha = 1.0  # the guard's scale of this step's bias
 
     # ---- costs and features ------------------------------------------------------------------------
-    def _features(self, lat: torch.Tensor, costs) -> torch.Tensor:
-        """[E, 3]: latency, energy (latency when unknown), throughput, each divided by its maximum."""
-        energy = (lat.clone() if any(c.energy_j is None for c in costs)
-                  else torch.tensor([c.energy_j for c in costs], dtype=torch.float32))
-        tput = 1.0 / lat.clamp_min(1e-9)
-        feats = torch.stack([lat / lat.max(), energy / energy.max().clamp_min(1e-30), tput / tput.max()], dim=-1)
-        self.cost_features = feats  # CPU, like the adapter
-        self._cost_np = feats.numpy()
-        # what the loss weighs: in decode the throughput bonus rewards a shorter expected read time of the
-        # step's activated experts (tokens/s of a step), not activating fast experts
-        self._loss_np = (np.stack([self._cost_np[:, 0], self._cost_np[:, 1], -self._cost_np[:, 0]], 1)
-                         if self.decode else self._cost_np)
-        return feats
+    def _features(self, costs) -> torch.Tensor:
+        self.cost_features, self._loss_np = cost_features(costs, self.decode)  # CPU, like the adapter
+        self._cost_np = self.cost_features.numpy()
+        return self.cost_features
 
     def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
         """Per-token costs of each expert at this per-expert batch (the batch workloads)."""
@@ -178,15 +164,14 @@ class AdaptiveRouter:
             return self.cost_features
         costs = [self.cost_model.get_cost(expert_op(b), tokens_per_expert) for b in self.bits]
         self._cost_batch = tokens_per_expert
-        return self._features(torch.tensor([c.latency_ms for c in costs], dtype=torch.float32), costs)
+        return self._features(costs)
 
     def _decode_cost_features(self) -> torch.Tensor:
         """Per-activation costs (decode): what an expert adds to a step when it serves one token, i.e. one read
         of its weights (the cost model's grouped decode table; the per-expert op where it has none)."""
         reader = getattr(self.cost_model, "decode_cost", None)
-        costs = [reader(b, 1) if reader else self.cost_model.get_cost(expert_op(b), 1) for b in self.bits]
-        lat = torch.tensor([max(c.latency_ms, 1e-9) for c in costs], dtype=torch.float32)
-        return self._features(lat, costs)
+        return self._features([reader(b, 1) if reader else self.cost_model.get_cost(expert_op(b), 1)
+                               for b in self.bits])
 
     def over_target(self, sample, latency_ms: float) -> dict[str, float]:
         """How far each reading is over its target, >= 0 (0 at or under target)."""
