@@ -80,3 +80,83 @@ def test_parent_run_resumes_and_records_its_children(outputs):
 def test_failure_line_is_the_last_non_empty_line():
     assert tracking.failure_line(RuntimeError("trial 1 failed\nboom: last line\n\n")) == "boom: last line"
     assert tracking.failure_line(KeyError("k")) == "KeyError: 'k'"
+
+
+# -- issue 27: what the MLflow UI shows; issue 26: concurrent stores, killed runs, NaN metrics ---------------
+
+def _uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_experiment_is_of_the_model_development_kind_also_when_it_existed(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = _uri(tmp_path)
+    tracking.Tracker(uri, "new")
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("new").tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    client.create_experiment("old")  # as an older version of this code left it
+    assert tracking.EXPERIMENT_KIND not in client.get_experiment_by_name("old").tags
+    tracking.Tracker(uri, "old")
+    assert client.get_experiment_by_name("old").tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+
+
+def test_four_processes_create_a_fresh_store_at_once(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from ttha import tracking; t = tracking.Tracker(sys.argv[1], 'e'); "
+            "t.start('r'); t.end('FINISHED')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, _uri(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-500:] for e in errors]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+
+
+def test_a_sigkilled_run_is_marked_killed_when_the_next_run_starts(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    code = ("import sys, time; from ttha import tracking; t = tracking.Tracker(sys.argv[1], 'e'); "
+            "print(t.start('victim'), flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, _uri(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        victim = proc.stdout.readline().strip()
+        assert victim
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    live = tracking.Tracker(_uri(tmp_path), "e")
+    alive_id = live.start("alive")  # a live owner (this process) is never touched
+    again = tracking.Tracker(_uri(tmp_path), "e")
+    with again:
+        again.start("next")
+    victim_run = again.client.get_run(victim)
+    assert victim_run.info.status == "KILLED"
+    assert "killed" in victim_run.data.tags["error"] and victim_run.data.tags[tracking.OWNER_TAG].endswith(
+        f":{proc.pid}")
+    assert again.client.get_run(alive_id).info.status == "RUNNING"
+    live.end("FINISHED")
+
+
+def test_a_nan_metric_is_logged_warned_once_and_tagged(tmp_path, caplog):
+    import math
+    with tracking.Tracker(_uri(tmp_path), "e") as t:
+        run_id = t.start("r")
+        t.log_step(0, {"loss/task": float("nan"), "ok": 1.0})
+        t.log_step(1, {"loss/task": float("nan")})
+        t.log_summary({"eval/perplexity": float("nan")})
+    run = t.client.get_run(run_id)
+    assert math.isnan(run.data.metrics["eval/perplexity"]) and run.data.metrics["ok"] == 1.0
+    assert run.data.tags[tracking.NONFINITE_TAG] == "eval/perplexity,loss/task"
+    warned = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warned) == 2 and any("eval/perplexity" in w for w in warned)
+
+
+def test_bad_plots_value_is_one_line_naming_the_key():
+    from ttha.config import ConfigError
+    with pytest.raises(ConfigError, match="tracking.plots"):
+        tracking.tracker_from_config(OmegaConf.create({"uri": "sqlite:///x.db", "experiment": "e",
+                                                      "flush_every_s": 1.0, "plots": "some"}))

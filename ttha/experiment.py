@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ttha import config as config_mod
 from ttha import costs, data, model as model_mod, plots, pretrain, routing, runtime, sim, stress, telemetry
-from ttha import tracking, ttt
+from ttha import run_info, tracking, ttt
 from ttha.gpu import Stressor
 from ttha.paths import output_dir
 
@@ -308,8 +308,8 @@ def run(cfg: DictConfig) -> list[float]:
     tracker = tracking.tracker_from_config(cfg.tracking)
     tags = {"telemetry.source": monitor.source, "device": str(device), "kernels.backend": backend,
             "cost_model": cost_model.source, **dict(cfg.tracking.get("tags") or {})}
-    tracker.start(cfg.tracking.run_name or f"{cfg.experts.name}-{cfg.router.name}-s{cfg.seed}", tags,
-                  cfg.tracking.get("parent_run_id"))
+    tracker.start(run_info.run_name(cfg), {**tags, **run_info.factors(cfg)}, cfg.tracking.get("parent_run_id"))
+    tracker.set_note(run_info.note(cfg))
     log.info("telemetry source: %s; device: %s; kernels: %s; MLflow: %s", monitor.source, device, backend,
              tracker.uri)
     with tracker, contextlib.ExitStack() as stack:
@@ -340,12 +340,9 @@ def run(cfg: DictConfig) -> list[float]:
         stressor.stop()
         tracker.log_summary(summary)
         tracker.set_tags({"expert_bits": ",".join(map(str, bits))})
+        tracker.set_note(run_info.note(cfg, summary))
         artifacts = [config_path, write_csv(rows, out / "steps.csv")]
-        if cfg.tracking.plots:
-            t = OmegaConf.to_container(cfg.targets)
-            artifacts += [plots.telemetry_timeline(rows, t, out / "telemetry.png"),
-                          plots.expert_usage(rows, bits, out / "expert_usage.png"),
-                          plots.loss_terms(rows, out / "loss_terms.png")]
+        artifacts += plots.draw(cfg.tracking.plots, rows, OmegaConf.to_container(cfg.targets), bits, out)
         tracker.log_artifacts(artifacts)
         print_summary(cfg, summary, info, monitor.source)
 

@@ -9,6 +9,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def draw(which: str, rows: list[dict], targets: dict, expert_bits: list[int], out: Path) -> list[Path]:
+    """The run's plots: `all`, `timeline` (the telemetry timeline alone: cheap enough for every sweep trial)
+    or `none` (tracking.plots; true and false mean all and none)."""
+    which = {True: "all", False: "none"}.get(which, which)
+    if which == "none":
+        return []
+    paths = [telemetry_timeline(rows, targets, out / "telemetry.png")]
+    if which == "all":
+        paths += [expert_usage(rows, expert_bits, out / "expert_usage.png"), loss_terms(rows, out / "loss_terms.png")]
+    return paths
+
+
 def _col(rows: list[dict], key: str) -> list[float]:
     return [r.get(key, float("nan")) for r in rows]
 

@@ -3,28 +3,39 @@
 Step metrics are buffered and written by a background thread with MlflowClient.log_batch, so the serving
 loop only appends to a list (a synchronous log_metric per value would stall it). A run ends FINISHED,
 FAILED (exception, last line of the error as tag `error`) or KILLED (Ctrl-C / SIGTERM), never left RUNNING.
-Parallel trials share one sqlite file, so every write retries while the file is locked.
+Parallel trials share one sqlite file, so every write retries while the file is locked, and a file lock beside
+it serialises the store's creation and schema migration. A run records its owner (host:pid); a run whose owner
+on this host is gone (SIGKILL) is marked KILLED when the next run of its experiment starts.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from ttha import paths
+from ttha.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LEN = 6000
+# MLflow's experiment kind tag; its value for a model-development (not GenAI) experiment
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+OWNER_TAG = "owner"  # host:pid of the process writing the run
+NONFINITE_TAG = "nonfinite_metrics"  # metrics that were NaN or infinite (logged as such, never dropped)
 
 
 def default_uri() -> str:
@@ -60,6 +71,34 @@ def failure_line(err: BaseException) -> str:
     return [ln for ln in text.splitlines() if ln.strip()][-1][:500]
 
 
+def store_lock(uri: str) -> FileLock | None:
+    """A lock file beside a local sqlite store: concurrent first runs would otherwise all create and migrate
+    its schema at once and fail. None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=600)
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_gone(tag: str | None) -> bool:
+    """True when the owner tag names a process of this host that no longer exists."""
+    host, _, pid = str(tag or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _tags(tags: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
@@ -70,8 +109,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment_id(experiment)
+        with store_lock(uri) or contextlib.nullcontext():  # the client creates (and migrates) the store
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment_id(experiment)
         self.flush_every_s = flush_every_s
         self.run_id: str | None = None
         self._buffer: list[Metric] = []
@@ -79,20 +119,38 @@ class Tracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.flush_seconds = 0.0  # time spent writing, for the overhead report
+        self.nonfinite: set[str] = set()
 
     def _experiment_id(self, name: str) -> str:
         exp = retry(self.client.get_experiment_by_name, name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND) is None:  # created before the kind was set
+                retry(self.client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
             return exp.experiment_id
         try:
-            return retry(self.client.create_experiment, name, artifact_location=artifact_location(self.uri))
+            return retry(self.client.create_experiment, name, artifact_location=artifact_location(self.uri),
+                         tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
         except Exception:  # a parallel trial created it first
             return retry(self.client.get_experiment_by_name, name).experiment_id
+
+    def mark_orphans_killed(self) -> list[str]:
+        """RUNNING runs of this experiment whose owner process on this host is gone (SIGKILL) -> KILLED."""
+        running = retry(self.client.search_runs, [self.experiment_id],
+                        filter_string="attributes.status = 'RUNNING'", max_results=50_000)
+        killed = [r.info.run_id for r in running if _owner_gone(r.data.tags.get(OWNER_TAG))]
+        for run_id in killed:
+            self.set_tags({"error": "its process ended without closing the run (killed)"}, run_id)
+            retry(self.client.set_terminated, run_id, status="KILLED")
+        if killed:
+            log.warning("marked %d MLflow run(s) left RUNNING by a killed process as KILLED: %s",
+                        len(killed), killed)
+        return killed
 
     # -- run lifecycle -------------------------------------------------------------------
     def start(self, run_name: str | None, tags: dict[str, Any] | None = None,
               parent_run_id: str | None = None) -> str:
-        tags = _tags(tags or {})
+        self.mark_orphans_killed()
+        tags = {**_tags(tags or {}), OWNER_TAG: owner()}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_name:
@@ -112,7 +170,9 @@ class Tracker:
             return False
         if run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id:
             return False
+        self.mark_orphans_killed()
         retry(self.client.update_run, run_id, status="RUNNING")
+        self.set_tags({OWNER_TAG: owner()}, run_id)
         self._begin(run_id)
         return True
 
@@ -161,13 +221,27 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
         retry(self.client.log_batch, run_id or self.run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()])
 
+    def set_note(self, markdown: str, run_id: str | None = None) -> None:
+        """The run's description (what the MLflow UI shows on the run's page)."""
+        self.set_tags({MLFLOW_RUN_NOTE: markdown}, run_id)
+
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer one step's metrics (cheap: the background thread writes them)."""
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        bad = {m.key for m in batch if not math.isfinite(m.value)} - self.nonfinite
         with self._lock:
             self._buffer.extend(batch)
+        if bad:
+            self._record_nonfinite(bad, step)
+
+    def _record_nonfinite(self, keys: set[str], step: int) -> None:
+        """A NaN/inf metric is logged as such (MLflow keeps NaN), warned about once per key and named in a tag."""
+        self.nonfinite |= keys
+        for key in sorted(keys):
+            log.warning("metric %s is not finite at step %d (logged as is)", key, step)
+        if self.run_id is not None:
+            self.set_tags({NONFINITE_TAG: ",".join(sorted(self.nonfinite))})
 
     def log_summary(self, metrics: dict[str, float]) -> None:
         self.log_step(0, metrics)
@@ -201,7 +275,7 @@ class Tracker:
 
     def start_child(self, run_name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
         """A child run created on behalf of a child that failed before it could start its own."""
-        tags = {**_tags(tags), MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_RUN_NAME: run_name}
+        tags = {**_tags(tags), MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_RUN_NAME: run_name, OWNER_TAG: owner()}
         run_id = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags).info.run_id
         self.log_params(params, run_id)
         return run_id
@@ -213,8 +287,14 @@ class Tracker:
             retry(self.client.set_terminated, run_id, status=status)
 
 
+PLOTS = {True: "all", False: "none", "all": "all", "timeline": "timeline", "none": "none"}
+
+
 def tracker_from_config(tracking_cfg) -> Tracker:
     """The run's Tracker from its `tracking` config group (conf/tracking)."""
+    plots = tracking_cfg.get("plots", True)
+    if plots not in PLOTS:
+        raise ConfigError("tracking.plots", plots, "must be all, timeline or none (true = all, false = none)")
     uri = tracking_cfg.uri or default_uri()
     return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s))
 
