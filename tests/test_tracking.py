@@ -160,3 +160,21 @@ def test_bad_plots_value_is_one_line_naming_the_key():
     with pytest.raises(ConfigError, match="tracking.plots"):
         tracking.tracker_from_config(OmegaConf.create({"uri": "sqlite:///x.db", "experiment": "e",
                                                       "flush_every_s": 1.0, "plots": "some"}))
+
+
+def test_a_resumed_parent_of_a_killed_sweep_is_taken_over_not_killed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    t = tracking.Tracker(_uri(tmp_path), "e")
+    parent = t.start("sweep")
+    t.set_tags({tracking.OWNER_TAG: f"{socket.gethostname()}:{dead.pid}"})  # as the killed sweep left it
+    t.run_id = None
+    again = tracking.Tracker(_uri(tmp_path), "e")
+    assert again.resume(parent)
+    run = again.client.get_run(parent)
+    assert run.info.status == "RUNNING" and "error" not in run.data.tags
+    assert run.data.tags[tracking.OWNER_TAG] == tracking.owner()
+    again.end("FINISHED")

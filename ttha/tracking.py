@@ -133,11 +133,13 @@ class Tracker:
         except Exception:  # a parallel trial created it first
             return retry(self.client.get_experiment_by_name, name).experiment_id
 
-    def mark_orphans_killed(self) -> list[str]:
-        """RUNNING runs of this experiment whose owner process on this host is gone (SIGKILL) -> KILLED."""
+    def mark_orphans_killed(self, keep: str | None = None) -> list[str]:
+        """RUNNING runs of this experiment whose owner process on this host is gone (SIGKILL) -> KILLED; `keep`
+        is a run this process takes over (a resumed sweep's parent)."""
         running = retry(self.client.search_runs, [self.experiment_id],
                         filter_string="attributes.status = 'RUNNING'", max_results=50_000)
-        killed = [r.info.run_id for r in running if _owner_gone(r.data.tags.get(OWNER_TAG))]
+        killed = [r.info.run_id for r in running
+                  if r.info.run_id != keep and _owner_gone(r.data.tags.get(OWNER_TAG))]
         for run_id in killed:
             self.set_tags({"error": "its process ended without closing the run (killed)"}, run_id)
             retry(self.client.set_terminated, run_id, status="KILLED")
@@ -170,7 +172,7 @@ class Tracker:
             return False
         if run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id:
             return False
-        self.mark_orphans_killed()
+        self.mark_orphans_killed(keep=run_id)
         retry(self.client.update_run, run_id, status="RUNNING")
         self.set_tags({OWNER_TAG: owner()}, run_id)
         self._begin(run_id)
