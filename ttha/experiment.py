@@ -323,6 +323,7 @@ def run(cfg: DictConfig) -> list[float]:
         tracker.log_summary({"pretrain/test_perplexity": info["test_perplexity"],
                              "pretrain/unigram_perplexity": info["unigram_perplexity"],
                              "pretrain/cached": float(info["cached"]), "pretrain/seconds": info["seconds"]})
+        runtime.seed_everything(int(cfg.seed))  # serving draws the same numbers whether pretraining ran or was cached
         model_mod.quantize_experts(model, list(cfg.experts.bits), int(cfg.experts.group_size))
         model.eval()
         bits = model_mod.expert_bits(model)
