@@ -80,9 +80,11 @@ def fail_orphans(study: optuna.Study, distributions: dict[str, BaseDistribution]
             study._storage.set_trial_user_attr(t._trial_id, "error", "killed: its sweep process was gone")
         except UpdateFinishedTrialError:
             continue
-        if finish(study, t.number, TrialState.FAIL):  # of two sweeps resuming at once, one retries it
+        # The retry before the FAIL: killed in between, the next sweep queues it again, and the second copy
+        # is skipped as a repeat; the other order could lose the retry.
+        _retry(study, t, distributions)
+        if finish(study, t.number, TrialState.FAIL):
             killed.append(t.number)
-            _retry(study, t, distributions)
     if killed:
         log.warning("marked %d trial(s) left RUNNING by a killed sweep as FAIL: %s", len(killed), killed)
     return killed
