@@ -1,5 +1,6 @@
 """Test set-up: Triton's interpreter on machines without a GPU, and the one way tests compose configs."""
 import os
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -33,3 +34,28 @@ def compose_cfg() -> Callable[..., DictConfig]:
 def cfg() -> DictConfig:
     """train.py's default config."""
     return _compose()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One pretraining cache for the whole session: the end-to-end runs after the first load from it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(compose_cfg):
+    """make_cfg(tmp, cache, *overrides): the CPU smoke preset (model pretrained once, seed 0), recording into
+    tmp/mlflow.db."""
+    def make(tmp: Path, cache: Path, *overrides: str):
+        return compose_cfg("experiment=smoke_cpu", "pretrain.seed=0", f"pretrain.cache_dir={cache}",
+                           f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.plots=true", *overrides)
+    return make
+
+
+def runs(tmp: Path):
+    """(MlflowClient, the runs of experiment 'ttha') of the store tmp/mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ttha")
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
+from conftest import runs
 from ttha import experiment
 from ttha.config import ConfigError
 from ttha.costs import ESTIMATE_PATH
@@ -25,27 +24,6 @@ CONTRACT_SUMMARY = [
     "eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w", "eval/max_temp_c",
     "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac", "ttt/skip_frac",
 ]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One pretraining cache for the whole session: runs after the first load from it."""
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def make_cfg(compose_cfg):
-    """make_cfg(tmp, cache, *overrides): the CPU smoke preset, recording into tmp/mlflow.db."""
-    def make(tmp: Path, cache: Path, *overrides: str):
-        return compose_cfg("experiment=smoke_cpu", "pretrain.seed=0", f"pretrain.cache_dir={cache}",
-                           f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.plots=true", *overrides)
-    return make
-
-
-def runs(tmp: Path):
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("ttha")
-    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
 
 
 @pytest.mark.slow

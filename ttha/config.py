@@ -30,7 +30,8 @@ VALID_BITS = (2, 4, 8, 16)
 SUMMARY_METRICS = (
     "eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
     "eval/max_temp_c", "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac",
-    "eval/mean_latency_ms", "ttt/skip_frac", "pretrain/test_perplexity",
+    "eval/mean_latency_ms", "eval/p50_latency_ms", "eval/p99_latency_ms", "ttt/skip_frac",
+    "pretrain/test_perplexity",
 )
 CHOICES = {
     "device": None,  # checked by _check_device
@@ -39,7 +40,7 @@ CHOICES = {
     "router.name": ("static", "ttha"),
     "stress.kind": ("none", "matmul", "bursty", "thermal_ramp"),
     "telemetry.source": ("auto", "nvml", "sim", "replay"),
-    "workload.kind": ("saturated", "paced"),
+    "workload.kind": ("saturated", "paced", "decode"),
     "ttt.policy": ("always", "never", "budget"),
 }
 INTEGER = [
@@ -179,6 +180,11 @@ def _check_values(cfg: DictConfig) -> None:
 
     if cfg.workload.kind == "paced" and _number(cfg, "workload.tokens_per_s") <= 0:
         raise ConfigError("workload.tokens_per_s", cfg.workload.tokens_per_s, "must be > 0")
+    if cfg.workload.kind == "decode" and _present(cfg, "workload.steps_per_s"):  # null: saturated
+        if _number(cfg, "workload.steps_per_s") <= 0:
+            raise ConfigError("workload.steps_per_s", cfg.workload.steps_per_s, "must be > 0 (or null: saturated)")
+    if _present(cfg, "telemetry.sim.decode_expert_params") and _number(cfg, "telemetry.sim.decode_expert_params") <= 0:
+        raise ConfigError("telemetry.sim.decode_expert_params", cfg.telemetry.sim.decode_expert_params, "must be > 0")
     if cfg.router.adaptive and _integer(cfg, "router.update_every") < 1:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
     if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:
@@ -260,16 +266,28 @@ def _size(n: float) -> str:
 
 
 def _check_memory(cfg: DictConfig) -> None:
-    """Refuse a model that cannot fit before anything allocates it, naming its largest dimension."""
+    """Refuse a model, or a decode KV cache, that cannot fit before anything allocates it, naming the key."""
     m = cfg.model
     params = model_parameters(m)
     need = params * TRAIN_BYTES_PER_PARAM
     where, have = _memory(str(cfg.device))
-    if have is None or need <= have:
+    if have is None:
         return
-    key = max(("d_model", "d_ff", "n_experts", "n_layers", "max_seq_len"), key=lambda k: m[k])
-    raise ConfigError(f"model.{key}", m[key], f"a model of {params:.3g} parameters needs at least {_size(need)} "
-                      f"to pretrain ({TRAIN_BYTES_PER_PARAM} bytes each); {where}: {_size(have)}")
+    if need > have:
+        key = max(("d_model", "d_ff", "n_experts", "n_layers", "max_seq_len"), key=lambda k: m[k])
+        raise ConfigError(f"model.{key}", m[key], f"a model of {params:.3g} parameters needs at least "
+                          f"{_size(need)} to pretrain ({TRAIN_BYTES_PER_PARAM} bytes each); {where}: {_size(have)}")
+    if cfg.workload.kind == "decode":
+        from ttha.decode import kv_cache_bytes  # serving's own formula; imports torch
+
+        gpu = where not in ("RAM", "this machine's RAM")
+        dtype = m.dtype if m.dtype != "auto" else ("bf16" if gpu else "fp32")
+        b, s = int(cfg.test.batch_size), int(cfg.test.seq_len)
+        cache = kv_cache_bytes(m, b, dtype, s)
+        if cache + params * 4 > have:  # the cache beside the served model (its weights, at most fp32)
+            raise ConfigError("test.batch_size", b, f"the decode KV cache needs {_size(cache)} ({b} streams x {s} "
+                              f"positions x {m.n_layers} layers x {m.d_model} x 2, {dtype}) beside the model's "
+                              f"{_size(params * 4)}; {where}: {_size(have)}")
 
 
 def _check_writable(key: str, value: Any, path: Path) -> None:

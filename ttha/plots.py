@@ -43,10 +43,12 @@ def telemetry_timeline(rows: list[dict], targets: dict, path: Path) -> Path:
     ax_t.axhline(targets["temp_c"], color="r", ls="--", label=f"target {targets['temp_c']:.0f} °C")
     ax_t.set_ylabel("temperature [°C]")
     _legend(ax_t, loc="upper right")
-    ax_m.step(steps, _col(rows, "ttt/mode"), where="post", color="tab:green")
+    modes = [(r["step"], r["ttt/mode"]) for r in rows if "ttt/mode" in r]  # decode: one per finished sequence
+    if modes:
+        ax_m.step(*zip(*modes), where="post", color="tab:green")
     ax_m.set_yticks([0, 1, 2], ["skip", "light", "full"])
     ax_m.set_ylabel("TTT")
-    ax_m.set_xlabel("test batch")
+    ax_m.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -61,7 +63,7 @@ def expert_usage(rows: list[dict], expert_bits: list[int], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.stackplot(steps, shares, labels=labels)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("test batch")
+    ax.set_xlabel("step")
     ax.set_ylabel("share of routed tokens")
     _legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
@@ -77,7 +79,7 @@ def loss_terms(rows: list[dict], path: Path) -> Path:
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), label=key.split("/")[1])
-    ax.set_xlabel("test batch")
+    ax.set_xlabel("step")
     ax.set_ylabel("loss term")
     _legend(ax, loc="upper right", fontsize=8)
     fig.tight_layout()

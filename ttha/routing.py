@@ -17,13 +17,11 @@ batch workloads, per activation (one read of its weights) in decode, where the c
 how likely the expert is to be idle in the step (waking an idle expert costs its read, adding a token to one
 that is read anyway costs about nothing). The static router adds no bias.
 
-The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls
-(DESIGN.md): each hardware term is (a constant over-target factor) x (expected cost under the soft routing),
-plus a drift term KL(gate || routed) that keeps quality. The expected cost is per-token share x cost for the
-batch workloads (every expert runs anyway there; what routing changes is the tokens each one processes) and
-sum_e P(e activated) * c_e in decode (objective.py). The adapter, its optimizer and the loss live on the CPU
-in numpy (a few hundred parameters: a GPU would spend its time on launches and syncs); stage() queues the
-one device-to-host copy of the step's gate probabilities, and the bias goes back to the device once a step.
+The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls:
+each hardware term is (a constant over-target factor) x (expected cost under the soft routing: per-token
+share x cost in batches, sum_e P(e activated) * c_e in decode; objective.py), plus a drift term KL(gate ||
+routed) that keeps quality. The adapter and its loss live on the CPU in numpy (a few hundred parameters: a GPU
+would spend its time on launches and syncs); stage() queues the step's one device-to-host copy.
 """
 from __future__ import annotations
 
@@ -37,6 +35,7 @@ from ttha.adapter import COST_FEATURES, HW_FEATURES, HostAdam, TTHAAdapter
 from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import softmax_topk
+from ttha.runtime import to_host_async
 from ttha.objective import activation_np, cost_features, guard_scale, loss_autograd, loss_closed_form, terms
 
 RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
@@ -49,12 +48,6 @@ def _reading(value) -> float:
     except (TypeError, ValueError):
         return 0.0
     return value if math.isfinite(value) else 0.0
-
-
-def _to_host_async(t: torch.Tensor) -> torch.Tensor:
-    """A copy into pinned host memory, queued on the current stream; valid after the stream's next sync."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +314,11 @@ class AdaptiveRouter:
         return self._bias.detach().cpu().clone()
 
     @property
+    def device_bias(self) -> torch.Tensor | None:
+        """This step's bias [E] where routing runs (None: no bias), for a decoder that routes by itself."""
+        return self._bias
+
+    @property
     def guard_scale(self) -> float:
         """The quality guard's scale of this step's bias (1: the bias as learned, 0: routed as the gate)."""
         return float(self._alpha)
@@ -347,9 +345,9 @@ class AdaptiveRouter:
         if not self._logits:
             return
         probs = self._gate_probs_on_device() if for_update else None
-        self._staged_counts = _to_host_async(self._counts) if self._counts.is_cuda else self._counts.clone()
+        self._staged_counts = to_host_async(self._counts) if self._counts.is_cuda else self._counts.clone()
         if probs is not None:
-            self._staged_probs = (_to_host_async(probs) if probs.is_cuda else probs, len(self._logits))
+            self._staged_probs = (to_host_async(probs) if probs.is_cuda else probs, len(self._logits))
 
     def _gate_probs_on_device(self) -> torch.Tensor:
         """q = softmax(gate logits) of the subsampled rows, experts-major [E, N] contiguous."""
@@ -373,11 +371,9 @@ class AdaptiveRouter:
                          [0.0, 0.0, 0.0, o["throughput_weight"]]], dtype=np.float32)
 
     def ttha_loss(self, sample, latency_ms: float, task_loss: float) -> dict[str, torch.Tensor]:
-        """The loss terms from this step's recorded gate logits, as an autograd graph: 'total' carries
-        gradient to the adapter through the routing probabilities p = softmax(logits + bias). The bias is the
-        learned one, before the quality guard: the adapter learns the objective's optimum and the guard bounds
-        how much of it routing applies (the guard scales a bias that moves routing too far; scaled inside the
-        loss, the learned bias would grow without end while its applied part stays on the bound). The reference for update_ttha (same values and gradient)."""
+        """The loss terms of this step's gate logits as an autograd graph (the reference for update_ttha): 'total'
+        carries gradient to the adapter through p = softmax(logits + bias), the bias before the quality guard
+        (scaled inside the loss, the learned bias would grow without end while its applied part sits on the bound)."""
         logits = self._subsampled_logits().cpu()
         layers = len(self._logits)
         idle = self._step_bias(sample, latency_ms, (torch.softmax(logits, -1).t().numpy(), layers))[3]

@@ -84,3 +84,9 @@ def install_signal_handlers() -> bool:
         return False
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     return True
+
+
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A copy into pinned host memory, queued on the current stream; valid after the stream's next sync."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)

@@ -1,0 +1,136 @@
+"""Decode serving (workload=decode): the test stream served one token per stream per step, as an LLM server decodes.
+
+test.batch_size streams run together through ttha.decode.Decoder (a preallocated KV cache; on a GPU the whole
+step is one captured CUDA graph). Teacher-forced: a stream's next input is the true next byte, so the prequential
+perplexity covers the same bytes, in the same order, as the batch workloads. The streams advance together; at
+test.seq_len they start the next test sequences at position 0, and TTT trains (or not) on the finished ones.
+
+Why decode: a step reads an expert's weights once if it routes it any token and not at all otherwise, so which
+experts the router activates sets what the step costs. The router's bias is written into the decoder's device
+tensor before each step (a graph is never recaptured), and the adapter learns every router.update_every steps
+from the step's gate logits. Under sim telemetry a step costs the simulated GPU the bytes of the experts it
+activated (sim.SimWork.decode), so the simulated run shows what routing saves.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ttha import data, pretrain, sim
+from ttha.decode import Decoder
+from ttha.serving import TTT_CODE, Pacer, RunClock, Serving, StepClock, summarize, update_router, usage_array
+
+
+def step_interval(workload) -> float:
+    """Seconds between decode steps: 0 when saturated (workload.steps_per_s null)."""
+    rate = workload.get("steps_per_s")
+    return 0.0 if rate is None else 1.0 / float(rate)
+
+
+def activation_rates(counts: np.ndarray, bits) -> dict[str, float]:
+    """Share of the experts of each precision that got >= 1 token in the step, over the layers [L, E]: what the
+    step read."""
+    active, bits = np.asarray(counts) > 0, np.asarray(bits)
+    return {f"experts/activated_{b}bit": float(active[:, bits == b].mean()) for b in sorted(set(bits.tolist()))}
+
+
+def expert_params(cfg) -> float:
+    """Weights of one expert the simulated GPU reads per activation: telemetry.sim.decode_expert_params (a
+    larger model's experts routed like this one's), else the model's own (2 x d_model x d_ff)."""
+    given = (cfg.telemetry.get("sim") or {}).get("decode_expert_params")
+    return float(given) if given is not None else 2.0 * int(cfg.model.d_model) * int(cfg.model.d_ff)
+
+
+def serve(s: Serving) -> tuple[list[dict], dict]:
+    """The test-time phase in decode: one record per decode step. Returns the records and the summary metrics."""
+    cfg = s.cfg
+    B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
+    n_warm, n_meas = int(cfg.test.warmup_batches), int(cfg.test.n_batches)  # in batches of sequences
+    adaptive = bool(cfg.router.adaptive)
+    update_every = int(cfg.router.get("update_every", 1))
+    run_clock, clock = RunClock(s.monitor), StepClock()
+    pacer = Pacer(run_clock, step_interval(cfg.workload))
+    decoder = Decoder(s.model, B, max_seq_len=S)
+    sim_cfg = cfg.telemetry.get("sim") or {}
+    power_range = (float(sim_cfg.get("idle_w", sim.IDLE_W)), float(sim_cfg.get("cap_w", sim.CAP_W)))
+    per_expert = expert_params(cfg)
+    bits = s.router.bits
+
+    rows: list[dict] = []
+    nll_sum, ntok, latency_ms, n_steps = 0.0, 0, 0.0, 0
+    energy0 = t_meas0 = wall0 = read_energy0 = None
+    bar = tqdm(total=(n_warm + n_meas) * S, desc="decode", unit="step", dynamic_ncols=True,
+               mininterval=pretrain.progress_interval())
+    for i, batch in enumerate(data.stream_batches(s.corpus.test, B, S, n_warm + n_meas)):
+        if i == n_warm:  # warm-up done (the graph is captured): stress starts, the clock and energy are read
+            s.stressor.start()
+            pacer.restart()
+            energy0, t_meas0, wall0 = s.monitor.energy_j(), run_clock.now(), time.perf_counter()
+            read_energy0 = s.monitor.latest().energy_j
+        on_device = batch.to(s.device, non_blocking=True)
+        inputs, targets = on_device[:, :-1], on_device[:, 1:]
+        for p in range(S):
+            step = (i - n_warm) * S + p
+            arrival = pacer.wait(step) if step >= 0 else run_clock.now()
+            clock.start()
+            with clock.timed("telemetry"):
+                sample = s.monitor.latest()
+            with clock.timed("bias"):
+                s.router.begin_step(sample, latency_ms)
+                if adaptive:
+                    decoder.set_bias(s.router.device_bias)
+            update = adaptive and n_steps % update_every == 0
+            logits = decoder.step(inputs[:, p], torch.full((B,), p, dtype=torch.long))
+            nll_t = F.cross_entropy(logits, targets[:, p], reduction="sum")
+            s.router.record_decode(decoder.gate_logits, decoder.counts)
+            s.router.stage(for_update=update)
+            nll = float(nll_t)  # the step's one sync: its loss, counts and staged records are then on the host
+            counts = decoder.counts.cpu().numpy()
+            clock.mark("serve")
+
+            row = {}
+            if p == S - 1:  # the streams' sequences are done: train on them (or not) before the next ones
+                mode, reason = s.policy.decide(sample, B * S, latency_ms)
+                with clock.timed("ttt"):
+                    s.trainer.step(on_device, mode)
+                row = {"ttt/mode": TTT_CODE[mode], "ttt/reason": reason}
+            terms, exposed = update_router(s, clock, update, sample, latency_ms, nll / B)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)
+            usage = usage_array(s.router, s.sim_work.n_experts)
+            if run_clock.simulated:  # the simulated GPU reads the activated experts, then trains
+                run_clock.busy(*s.sim_work.decode(counts, per_expert, *power_range))
+                if "ttt/mode" in row:
+                    run_clock.busy(*s.sim_work.ttt(mode))
+            t_end = run_clock.now()
+            latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
+            n_steps += 1
+            bar.update()
+            if step < 0:
+                continue
+
+            nll_sum, ntok = nll_sum + nll, ntok + B
+            row.update({
+                "step": step, "t": t_end - t_meas0, "latency_ms": latency_ms,
+                "telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
+                "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
+                "telemetry/energy_j": sample.energy_j - read_energy0,
+                "router/balance_score": s.router.balance_score, "eval/batch_loss": nll / B,
+                **activation_rates(counts, bits)})
+            row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
+            row.update({f"loss/{k}": float(v) for k, v in terms.items()})
+            rows.append(row)
+            with clock.timed("log"):
+                s.tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+            clock.count(exposed)
+            if n_steps % 16 == 0:
+                bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", refresh=False)
+    bar.close()
+
+    elapsed, wall = run_clock.now() - t_meas0, time.perf_counter() - wall0
+    energy = s.monitor.energy_j() - energy0
+    return rows, summarize(s, rows, nll_sum, ntok, (elapsed, wall), energy, clock)
