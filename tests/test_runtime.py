@@ -1,6 +1,7 @@
 """The process a run lives in: host threads and what SIGTERM does."""
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -31,5 +32,41 @@ def test_install_signal_handlers_keeps_a_user_handler():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1.0)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _InterruptedFinalizer:
+    """A signal that arrives while a finalizer runs raises its KeyboardInterrupt there, where Python only prints
+    it ("Exception ignored in ...": seen with SQLAlchemy's weakref callbacks while MLflow opens its store)."""
+
+    def __init__(self, exc: KeyboardInterrupt):
+        self.exc = exc
+
+    def __del__(self):
+        raise self.exc
+
+
+def _wait(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_run(monkeypatch):
+    from ttha.runtime import Interrupted
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # pytest's own, restored after the test
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert install_signal_handlers() is True
+        with pytest.raises(Interrupted) as caught:
+            _InterruptedFinalizer(Interrupted(signal.SIGTERM))  # dropped at once: __del__ raises, unraisable
+            _wait(5.0)  # the signal comes again to the main thread, outside the finalizer
+        assert caught.value.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C: Python's own SIGINT handler
+            _InterruptedFinalizer(KeyboardInterrupt())
+            _wait(5.0)
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -5,8 +5,10 @@ stress tool make the same choices.
 """
 from __future__ import annotations
 
+import _thread
 import random
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -71,12 +73,49 @@ def _sigterm_to_interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+REDELIVER_AFTER_S = 0.01
+
+
+def _redeliver_interrupt(unraisable) -> None:
+    """sys.unraisablehook: an interrupt raised while a finalizer ran (a garbage-collection callback such as
+    SQLAlchemy's, a __del__) is swallowed there ("Exception ignored in ...") and the run would go on for
+    good; deliver its signal to the main thread again, where it stops the run. Anything else goes to the
+    hook that was there before."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):
+        # from another thread, a moment later: raised in this hook, the interrupt would be swallowed again
+        threading.Timer(REDELIVER_AFTER_S, _interrupt_main, (getattr(exc, "signum", signal.SIGINT),)).start()
+        return
+    _previous_unraisablehook(unraisable)
+
+
+def _interrupt_main(signum: int) -> None:
+    """The signal again, to the main thread (a real one wakes a sleep); simulated when Python does not handle it."""
+    if callable(signal.getsignal(signum)):
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    else:
+        _thread.interrupt_main()
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def redeliver_swallowed_interrupts() -> None:
+    """Install _redeliver_interrupt (once; the hook in place is kept for everything else)."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _redeliver_interrupt:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _redeliver_interrupt
+
+
 def install_signal_handlers() -> bool:
     """Make SIGTERM raise KeyboardInterrupt in the main thread, so `with`/finally cleanup runs (the
-    stressor stops, the MLflow run is marked KILLED). Only when SIGTERM has its default handler and
-    we are in the main thread; returns whether the handler is installed."""
+    stressor stops, the MLflow run is marked KILLED), and an interrupt that lands in a finalizer is not
+    lost (redeliver_swallowed_interrupts). Only when SIGTERM has its default handler and we are in the main
+    thread; returns whether the handler is installed."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    redeliver_swallowed_interrupts()
     current = signal.getsignal(signal.SIGTERM)
     if current is _sigterm_to_interrupt:
         return True
