@@ -62,6 +62,19 @@ def test_cache_key_follows_what_changes_the_weights(compose_cfg, tmp_path):
                "model.dtype=bf16") == base
 
 
+@pytest.mark.parametrize("where", ["under a file", "/proc"])
+def test_a_cache_dir_that_cannot_be_created_is_a_config_error_naming_the_key(compose_cfg, tmp_path, where):
+    """Even where os.access says the nearest folder is writable (root and /proc), before any run is recorded."""
+    if where == "/proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "cache" if where == "under a file" else Path("/proc/ttha-cache")
+    cfg = compose_cfg(f"pretrain.cache_dir={folder}")
+    with pytest.raises(ConfigError) as err:
+        pretrain.cache_dir(cfg)
+    assert str(err.value).startswith(f"pretrain.cache_dir='{folder}': cannot create it (")
+
+
 def test_cache_is_safetensors_with_a_checked_json_and_loads_the_same_model(small, tmp_path):
     model, info = pretrain.load_or_train(small, CPU)
     stem = tmp_path / "cache" / f"moe-{pretrain.cache_key(small)}"

@@ -56,10 +56,15 @@ def pretrain_seed(cfg) -> int:
 
 
 def cache_dir(cfg) -> Path:
-    """pretrain.cache_dir, or cache/ under the outputs root: checkpoints and the corpus, shared by trials."""
-    if cfg.pretrain.get("cache_dir"):
-        return Path(str(cfg.pretrain.cache_dir))
-    return outputs_root() / "cache"
+    """pretrain.cache_dir, or cache/ under the outputs root: checkpoints and the corpus, shared by trials. Created
+    here, so that a folder that cannot be (one os.access calls writable, like /proc for root) is a ConfigError
+    naming the key, before the run records anything."""
+    path = Path(str(cfg.pretrain.cache_dir)) if cfg.pretrain.get("cache_dir") else outputs_root() / "cache"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("pretrain.cache_dir", str(path), f"cannot create it ({err.strerror or err})") from None
+    return path
 
 
 @torch.no_grad()
