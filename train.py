@@ -76,8 +76,21 @@ def error_line(err: Exception) -> str | None:
         prefix = f"{err.override}: " if isinstance(err, OverrideParseException) else ""
         return f"error: {prefix}{' '.join(lines)}"
     if isinstance(err, OSError) and err.filename:
-        return f"error: {err.filename}: {err.strerror}"
+        return run_folder_line(err) or f"error: {err.filename}: {err.strerror}"
     return None
+
+
+def run_folder_line(err: OSError) -> str | None:
+    """When Hydra could not create the run's folder under the outputs root (outputs/ is a file or read-only,
+    paths.outputs where nothing can be created): the line naming paths.outputs (set by ttha.paths.UseOutputs
+    before Hydra makes the folder)."""
+    from ttha.paths import outputs_root, outputs_setting
+
+    root, failed = outputs_root().absolute(), Path(str(err.filename)).absolute()
+    if failed != root and root not in failed.parents:
+        return None
+    return (f"error: paths.outputs={outputs_setting()!r}: cannot create the run folder "
+            f"({err.strerror}: {err.filename})")
 
 
 def cli() -> None:

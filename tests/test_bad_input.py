@@ -195,3 +195,36 @@ def test_loss_plot_without_loss_terms_draws_no_empty_legend(tmp_path):
 def test_readme_says_how_to_install_the_cpu_wheel():
     readme = (ROOT / "README.md").read_text()
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ttha_train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("outputs, made", [
+    (None, "outputs/runs/day/time"),                    # outputs/ is a file: Not a directory
+    ("/proc/ttha", "/proc/ttha"),                       # nothing can be created there, not even by root
+    ("elsewhere/out", "elsewhere/out/runs"),
+])
+def test_a_run_folder_hydra_cannot_create_names_paths_outputs(compose_cfg, tmp_path, monkeypatch, outputs, made):
+    """In process: the OSError Hydra raises making the run's folder (after the paths callback's on_run_start), as
+    train.py prints it; any other file keeps the plain line."""
+    import errno
+
+    from ttha import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(paths, "_outputs", None)  # put back after the test
+    cfg = compose_cfg(*([f"paths.outputs={outputs}"] if outputs else []))
+    paths.UseOutputs().on_run_start(cfg)
+    cli = _train_module()
+    err = NotADirectoryError(errno.ENOTDIR, "Not a directory", made)
+    assert cli.error_line(err) == (f"error: paths.outputs={outputs or 'outputs'!r}: cannot create the run folder "
+                                   f"(Not a directory: {made})")
+    other = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "other"))
+    assert cli.error_line(other) == f"error: {tmp_path / 'other'}: No such file or directory"

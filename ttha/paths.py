@@ -50,6 +50,11 @@ def use_outputs(path: str | os.PathLike) -> Path:
     return outputs_root()
 
 
+def outputs_setting() -> str:
+    """paths.outputs as configured (relative or not)."""
+    return str(_outputs if _outputs is not None else "outputs")
+
+
 def outputs_root() -> Path:
     """The one place every file a run writes goes under: caches, cost models, MLflow, Optuna, Hydra's dirs."""
     root = _outputs if _outputs is not None else Path("outputs")
@@ -69,6 +74,9 @@ def output_dir() -> Path:
 class UseOutputs(Callback):
     """Hydra callback of conf/paths/default.yaml: the sweeper's process and every job (whatever the entry
     point or launcher) take their outputs root from the composed `paths.outputs`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        use_outputs(config.paths.outputs)  # before Hydra makes the run dir: train.py names the key if it cannot
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         use_outputs(config.paths.outputs)
