@@ -178,3 +178,20 @@ def test_a_resumed_parent_of_a_killed_sweep_is_taken_over_not_killed(tmp_path):
     assert run.info.status == "RUNNING" and "error" not in run.data.tags
     assert run.data.tags[tracking.OWNER_TAG] == tracking.owner()
     again.end("FINISHED")
+
+
+@pytest.mark.parametrize("kind", ["folder", "file URI"])
+def test_a_folder_tracking_uri_records_runs(monkeypatch, tmp_path, kind):
+    """tracking.uri=<folder> passes the config check; MLflow 3 refuses its file store unless told, with a
+    traceback before any run."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # absent again after the test, whatever the tracker sets
+    folder = tmp_path / "mlruns"
+    uri = str(folder) if kind == "folder" else folder.as_uri()
+    tracker = tracking.Tracker(uri, "ttha")
+    run_id = tracker.start("a run")
+    tracker.log_step(0, {"eval/perplexity": 3.0})
+    tracker.end("FINISHED")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/perplexity"] == 3.0
+    assert folder.is_dir()

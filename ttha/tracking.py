@@ -71,6 +71,11 @@ def failure_line(err: BaseException) -> str:
     return [ln for ln in text.splitlines() if ln.strip()][-1][:500]
 
 
+def is_folder_store(uri: str) -> bool:
+    """A tracking URI that is a local folder (a path, or file:...): MLflow's file store, still supported here."""
+    return "://" not in uri or uri.startswith("file:")
+
+
 def store_lock(uri: str) -> FileLock | None:
     """A lock file beside a local sqlite store: concurrent first runs would otherwise all create and migrate
     its schema at once and fail. None for other stores."""
@@ -109,6 +114,8 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
         self.uri = uri
+        if is_folder_store(uri):  # MLflow 3 refuses them unless told (its file store is in maintenance mode)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         with store_lock(uri) or contextlib.nullcontext():  # the client creates (and migrates) the store
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment_id(experiment)
