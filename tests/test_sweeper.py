@@ -79,6 +79,18 @@ def test_sweep_config_error_is_the_plugins_own_one_line_error():
     assert not any(c.__module__.startswith("ttha") for c in type(err).__mro__)  # works for any Hydra app
 
 
+@pytest.mark.parametrize("url", ["sqlite:///{file}/optuna.db", "journal:{file}/optuna.log",
+                                 "sqlite:////proc/ttha-sweep/optuna.db"])
+def test_a_storage_folder_that_cannot_be_created_is_one_line(tmp_path, url):
+    from hydra_plugins.ttha_sweeper._storage import make_storage
+
+    (tmp_path / "file").write_text("")
+    url = url.format(file=tmp_path / "file")
+    with pytest.raises(SweepConfigError) as err:
+        make_storage(url, tmp_path)
+    assert str(err.value).startswith(f"hydra.sweeper.storage={url!r}: cannot create ")
+
+
 # -- sweeps ---------------------------------------------------------------------------------------------
 
 def test_sweep_resumes_up_to_n_trials_with_one_parent_run(monkeypatch, tmp_path, mlflow_db):

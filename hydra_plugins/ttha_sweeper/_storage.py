@@ -20,12 +20,12 @@ def make_storage(url: str, launch_dir: Path) -> tuple[Any, str]:
 
         path = Path(url.removeprefix("journal:"))
         path = path if path.is_absolute() else launch_dir / path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(url, path.parent)
         return JournalStorage(JournalFileBackend(str(path))), f"journal:{path}"
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         path = path if path.is_absolute() else launch_dir / path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(url, path.parent)
         url = f"sqlite:///{path}"
         with FileLock(f"{path}.lock", timeout=120):  # sweeps started at once on a new file: one creates its tables
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}), url
@@ -33,6 +33,14 @@ def make_storage(url: str, launch_dir: Path) -> tuple[Any, str]:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url
     except Exception as err:  # an unknown dialect, a missing driver, a server that does not answer
         raise SweepConfigError(KEY, masked(url), str(err).splitlines()[0]) from None
+
+
+def _make_folder(url: str, folder: Path) -> None:
+    """The storage file's folder, created; one that cannot be (under a file, /proc) is a one-line error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SweepConfigError(KEY, masked(url), f"cannot create {folder} ({err.strerror or err})") from None
 
 
 def masked(url: str) -> str:
