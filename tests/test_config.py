@@ -1,5 +1,7 @@
 """ttha.config.validate: every numeric key finite, every count an integer, the model's size known before it
 is built."""
+from pathlib import Path
+
 import pytest
 
 from ttha import config
@@ -31,3 +33,18 @@ def test_model_parameters_counts_what_moelm_builds(compose_cfg, model):
 
 def test_the_default_config_is_valid(cfg):
     config.validate(cfg)
+
+
+def test_a_cache_dir_under_proc_is_refused_though_os_access_passes_it(compose_cfg):
+    """/proc: os.access says writable to root, yet nothing can be created there."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg("pretrain.cache_dir=/proc/ttha-x"))
+    line = str(err.value)
+    assert line.startswith("pretrain.cache_dir='/proc/ttha-x': /proc is not writable (") and "\n" not in line
+
+
+def test_a_writable_cache_dir_passes_and_the_probe_leaves_nothing(compose_cfg, tmp_path):
+    config.validate(compose_cfg(f"pretrain.cache_dir={tmp_path / 'cache'}"))
+    assert list(tmp_path.iterdir()) == []

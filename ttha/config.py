@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -120,7 +121,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad value; return None when the config is usable.
 
     Values first, then what they point at (files, memory, folders, servers): cheapest first, and nothing
-    is created or written."""
+    is left behind (a folder's write probe is removed at once)."""
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # an ${interpolation} that does not resolve
@@ -291,14 +292,17 @@ def _check_memory(cfg: DictConfig) -> None:
 
 
 def _check_writable(key: str, value: Any, path: Path) -> None:
-    """`path` is a folder this process can write in, or can be created: its nearest existing ancestor is."""
+    """`path` is a folder this process can write in, or can be created: its nearest existing ancestor is.
+    Probed by making (and removing) a folder there: os.access passes root even on /proc or a read-only mount."""
     p = path.expanduser().absolute()
     while not p.exists():
         p = p.parent
     if not p.is_dir():
         raise ConfigError(key, value, f"{p} is not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError(key, value, f"{p} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ttha-probe-", dir=p))
+    except OSError as err:
+        raise ConfigError(key, value, f"{p} is not writable ({err.strerror})") from None
 
 
 def _check_folders(cfg: DictConfig) -> None:
