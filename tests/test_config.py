@@ -48,3 +48,14 @@ def test_a_cache_dir_under_proc_is_refused_though_os_access_passes_it(compose_cf
 def test_a_writable_cache_dir_passes_and_the_probe_leaves_nothing(compose_cfg, tmp_path):
     config.validate(compose_cfg(f"pretrain.cache_dir={tmp_path / 'cache'}"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("what, problem", [("missing", "file does not exist"),
+                                           ("folder", "is a folder, not a cost-model JSON file")])
+def test_a_cost_model_that_is_not_a_file_is_one_line_naming_the_key(compose_cfg, tmp_path, what, problem):
+    path = tmp_path / "costs.json"
+    if what == "folder":
+        path.mkdir()
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg(f"cost_model={path}"))
+    assert str(err.value) == f"cost_model='{path}': {problem}"

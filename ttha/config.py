@@ -224,6 +224,8 @@ def _check_cost_model(cfg: DictConfig) -> None:
     if value is None:
         return
     path = Path(str(value)).expanduser()
+    if path.is_dir():  # it exists: 'file does not exist' would send the user looking for the wrong slip
+        raise ConfigError("cost_model", str(value), "is a folder, not a cost-model JSON file")
     if not path.is_file():
         raise ConfigError("cost_model", str(value), "file does not exist")
     try:
