@@ -59,3 +59,12 @@ def test_a_cost_model_that_is_not_a_file_is_one_line_naming_the_key(compose_cfg,
     with pytest.raises(ConfigError) as err:
         config.validate(compose_cfg(f"cost_model={path}"))
     assert str(err.value) == f"cost_model='{path}': {problem}"
+
+
+@pytest.mark.parametrize("value", ["banana", "[all]"])
+def test_a_bad_tracking_plots_is_refused_by_validate(compose_cfg, value):
+    """Before any work: the tracker, which alone refused it, starts after the telemetry monitor and the corpus."""
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg(f"tracking.plots={value}"))
+    assert err.value.key == "tracking.plots"
+    assert str(err.value).endswith(": must be all, timeline or none (true = all, false = none)")

@@ -70,6 +70,7 @@ TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql"
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 CONNECT_TIMEOUT_S = 3.0
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments: the least pretraining holds
+PLOTS = {True: "all", False: "none", "all": "all", "timeline": "timeline", "none": "none"}  # tracking.plots
 
 
 def option(node: Any, key: str, default: Any = None) -> Any:
@@ -77,6 +78,13 @@ def option(node: Any, key: str, default: Any = None) -> Any:
     accessor for library code that takes a config group or a plain object (tests, the profiler)."""
     value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
     return default if value is None else value
+
+
+def plots_mode(value: Any) -> str:
+    """tracking.plots as all, timeline or none: the one reading of it (validate, the tracker, plots.draw)."""
+    if not isinstance(value, (bool, str)) or value not in PLOTS:  # a list is unhashable; 1 would pass as True
+        raise ConfigError("tracking.plots", value, "must be all, timeline or none (true = all, false = none)")
+    return PLOTS[value]
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -211,6 +219,7 @@ def _check_values(cfg: DictConfig) -> None:
     experiment = _get(cfg, "tracking.experiment")
     if not isinstance(experiment, str) or not experiment.strip():
         raise ConfigError("tracking.experiment", experiment, "must be a non-empty name")
+    plots_mode(cfg.tracking.get("plots", True))
     for key in ("tracking.uri", "pretrain.cache_dir", "cost_model"):  # null means the default; '' is a slip
         if OmegaConf.select(cfg, key, default=None) == "":
             raise ConfigError(key, "", "must not be empty (leave it out, or null, for the default)")

@@ -8,11 +8,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ttha.config import plots_mode  # noqa: E402
+
 
 def draw(which: str, rows: list[dict], targets: dict, expert_bits: list[int], out: Path) -> list[Path]:
     """The run's plots: `all`, `timeline` (the telemetry timeline alone: cheap enough for every sweep trial)
     or `none` (tracking.plots; true and false mean all and none)."""
-    which = {True: "all", False: "none"}.get(which, which)
+    which = plots_mode(which)
     if which == "none":
         return []
     paths = [telemetry_timeline(rows, targets, out / "telemetry.png")]

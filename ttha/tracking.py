@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from ttha import paths
-from ttha.config import ConfigError
+from ttha.config import plots_mode
 
 log = logging.getLogger(__name__)
 
@@ -296,14 +296,9 @@ class Tracker:
             retry(self.client.set_terminated, run_id, status=status)
 
 
-PLOTS = {True: "all", False: "none", "all": "all", "timeline": "timeline", "none": "none"}
-
-
 def tracker_from_config(tracking_cfg) -> Tracker:
     """The run's Tracker from its `tracking` config group (conf/tracking)."""
-    plots = tracking_cfg.get("plots", True)
-    if plots not in PLOTS:
-        raise ConfigError("tracking.plots", plots, "must be all, timeline or none (true = all, false = none)")
+    plots_mode(tracking_cfg.get("plots", True))  # again: the profiler's runs come here without config.validate
     uri = tracking_cfg.uri or default_uri()
     return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s))
 
