@@ -154,6 +154,20 @@ def update_router(s: Serving, clock: StepClock, update: bool, sample, latency_ms
     return terms, queued is None or queued.query()
 
 
+def record(s: Serving, clock: StepClock, rows: list[dict], row: dict, sample, energy_j: float, usage,
+           terms: dict) -> None:
+    """Completes a step's record with the columns every workload shares (telemetry, router, expert usage, loss
+    terms), keeps it for steps.csv and the plots, and hands its numbers to the tracker (which batches them)."""
+    row.update({"telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
+                "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
+                "telemetry/energy_j": energy_j, "router/balance_score": s.router.balance_score})
+    row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
+    row.update({f"loss/{k}": float(v) for k, v in terms.items()})
+    rows.append(row)
+    with clock.timed("log"):
+        s.tracker.log_step(row["step"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+
+
 def serve(s: Serving) -> tuple[list[dict], dict]:
     """The test-time phase: each batch is evaluated, routed with the current biases, maybe trained on (TTT),
     and the router learns from it. Returns the per-step records and the summary metrics."""
@@ -208,18 +222,9 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             continue
 
         nll_sum, ntok = nll_sum + nll, ntok + n
-        row = {
-            "step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
-            "telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
-            "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
-            "telemetry/energy_j": sample.energy_j - read_energy0, "ttt/mode": TTT_CODE[mode],
-            "router/balance_score": s.router.balance_score, "eval/batch_loss": nll / n,
-        }
-        row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
-        row.update({f"loss/{k}": float(v) for k, v in terms.items()})
-        rows.append(row)
-        with clock.timed("log"):
-            s.tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+        row = {"step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
+               "ttt/mode": TTT_CODE[mode], "eval/batch_loss": nll / n}
+        record(s, clock, rows, row, sample, sample.energy_j - read_energy0, usage, terms)
         clock.count(exposed)
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 

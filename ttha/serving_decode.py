@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from ttha import data, pretrain, sim
 from ttha.decode import Decoder
-from ttha.serving import TTT_CODE, Pacer, RunClock, Serving, StepClock, summarize, update_router, usage_array
+from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, summarize, update_router,
+                          usage_array)
 
 
 def step_interval(workload) -> float:
@@ -114,18 +115,9 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
                 continue
 
             nll_sum, ntok = nll_sum + nll, ntok + B
-            row.update({
-                "step": step, "t": t_end - t_meas0, "latency_ms": latency_ms,
-                "telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
-                "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
-                "telemetry/energy_j": sample.energy_j - read_energy0,
-                "router/balance_score": s.router.balance_score, "eval/batch_loss": nll / B,
-                **activation_rates(counts, bits)})
-            row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
-            row.update({f"loss/{k}": float(v) for k, v in terms.items()})
-            rows.append(row)
-            with clock.timed("log"):
-                s.tracker.log_step(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+            row.update({"step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "eval/batch_loss": nll / B,
+                        **activation_rates(counts, bits)})
+            record(s, clock, rows, row, sample, sample.energy_j - read_energy0, usage, terms)
             clock.count(exposed)
             if n_steps % 16 == 0:
                 bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", refresh=False)
