@@ -68,9 +68,7 @@ class ExpertLoadBalancer:
         self.updates = 0
 
     def update(self, shares) -> None:
-        if torch.is_tensor(shares):
-            shares = shares.detach().cpu().numpy()
-        shares = np.asarray(shares, dtype=np.float64).ravel()
+        shares = np.asarray(shares.detach().cpu() if torch.is_tensor(shares) else shares, dtype=np.float64).ravel()
         if shares.size != self.n_experts:
             raise ValueError(f"shares: expected {self.n_experts} values, got {shares.size}")
         total = float(shares.sum())
@@ -134,7 +132,7 @@ class AdaptiveRouter:
             self.optimizer = HostAdam(self.adapter.parameters(), float(option(router_cfg, "lr", 0.05)))
             self._adapter_params = list(self.adapter.parameters())
         self._bias: torch.Tensor | None = None
-        self._zero_bias: torch.Tensor | None = None
+        self._zero_bias: torch.Tensor | None = None  # the static router's bias on the kernel path
         self._logits: dict[int, torch.Tensor] = {}
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
         self._folded = True
@@ -223,10 +221,8 @@ class AdaptiveRouter:
         """Start a step: fold the last step's usage into the balancer, clear the records, compute the bias
         for this step from the latest telemetry (no grad)."""
         self._fold()
-        self._logits = {}
+        self._logits, self._usage, self._staged_counts = {}, None, None
         self._counts.zero_()
-        self._usage = None
-        self._staged_counts = None
         if not self.adaptive:
             self._bias = None
             return
@@ -246,7 +242,7 @@ class AdaptiveRouter:
             bias = self._bias = bias.to(logits.device)
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
         if not needs_grad and kernels.use_triton(logits):
-            if bias is None:  # the static router on the kernel path: a cached zero bias
+            if bias is None:
                 if self._zero_bias is None or self._zero_bias.device != logits.device:
                     self._zero_bias = torch.zeros(self.n_experts, device=logits.device)
                 bias = self._zero_bias
@@ -309,9 +305,7 @@ class AdaptiveRouter:
     @property
     def bias(self) -> torch.Tensor:
         """Per-expert bias applied in this step, on the CPU (zeros for the static router)."""
-        if self._bias is None:
-            return torch.zeros(self.n_experts)
-        return self._bias.detach().cpu().clone()
+        return torch.zeros(self.n_experts) if self._bias is None else self._bias.detach().cpu().clone()
 
     @property
     def device_bias(self) -> torch.Tensor | None:
