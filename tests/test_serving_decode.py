@@ -40,6 +40,11 @@ def test_decode_serves_the_same_bytes_as_the_batch_workload(tmp_path, cache_dir,
     assert len(rows) == 3 * 32 and [int(r["step"]) for r in rows] == list(range(96))
     assert 0 < decode["eval/p50_latency_ms"] <= decode["eval/p99_latency_ms"]
     assert decode["eval/tokens_per_s"] == pytest.approx(4 * 1000.0, rel=0.02)  # paced: 1000 steps/s x 4 streams
+    # MLflow gets one point per 16 decode steps (the window's mean, at its last step); steps.csv keeps every step
+    client, (run,) = runs(tmp_path / "decode")
+    history = sorted(client.get_metric_history(run.info.run_id, "telemetry/power_w"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(15, 96, 16))
+    assert history[0].value == pytest.approx(sum(float(r["telemetry/power_w"]) for r in rows[:16]) / 16, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -93,6 +98,8 @@ def test_decode_pacing_and_expert_size_come_from_the_config(compose_cfg):
     ("test.seq_len=129", "test.seq_len"),  # tiny model: max_seq_len 128
     ("test.batch_size=100000000", "test.batch_size"),  # a KV cache larger than any machine's memory
     ("telemetry.sim.decode_expert_params=0", "telemetry.sim.decode_expert_params"),
+    ("tracking.log_every=0", "tracking.log_every"),
+    ("tracking.log_every=2.5", "tracking.log_every"),
 ])
 def test_bad_decode_values_name_their_key(compose_cfg, override, key):
     cfg = compose_cfg("workload=decode", "device=cpu", override)

@@ -155,6 +155,20 @@ def test_a_nan_metric_is_logged_warned_once_and_tagged(tmp_path, caplog):
     assert len(warned) == 2 and any("eval/perplexity" in w for w in warned)
 
 
+def test_log_every_logs_each_windows_mean_at_its_last_step(tmp_path):
+    """A key absent from some steps is averaged over the steps that had it; the last, partial window is logged
+    when the run ends; log_summary's values are not averaged."""
+    with tracking.Tracker(_uri(tmp_path), "e", log_every=4) as t:
+        run_id = t.start("r")
+        for step in range(10):
+            t.log_step(step, {"a": float(step), **({"b": 10.0 * step} if step % 5 == 0 else {})})
+        t.log_summary({"eval/perplexity": 7.0})
+    history = {k: sorted((m.step, m.value) for m in t.client.get_metric_history(run_id, k)) for k in ("a", "b")}
+    assert history["a"] == [(3, 1.5), (7, 5.5), (9, 8.5)]
+    assert history["b"] == [(3, 0.0), (7, 50.0)]
+    assert t.client.get_run(run_id).data.metrics["eval/perplexity"] == 7.0
+
+
 def test_bad_plots_value_is_one_line_naming_the_key():
     from ttha.config import ConfigError
     with pytest.raises(ConfigError, match="tracking.plots"):
@@ -168,10 +182,9 @@ def test_a_resumed_parent_of_a_killed_sweep_is_taken_over_not_killed(tmp_path):
     import sys
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    t = tracking.Tracker(_uri(tmp_path), "e")
-    parent = t.start("sweep")
-    t.set_tags({tracking.OWNER_TAG: f"{socket.gethostname()}:{dead.pid}"})  # as the killed sweep left it
-    t.run_id = None
+    t = tracking.Tracker(_uri(tmp_path), "e")  # a RUNNING parent owned by a dead process: as a killed sweep left it
+    parent = t.client.create_run(t.experiment_id, run_name="sweep",
+                                 tags={tracking.OWNER_TAG: f"{socket.gethostname()}:{dead.pid}"}).info.run_id
     again = tracking.Tracker(_uri(tmp_path), "e")
     assert again.resume(parent)
     run = again.client.get_run(parent)

@@ -194,6 +194,8 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError("workload.steps_per_s", cfg.workload.steps_per_s, "must be > 0 (or null: saturated)")
     if _present(cfg, "telemetry.sim.decode_expert_params") and _number(cfg, "telemetry.sim.decode_expert_params") <= 0:
         raise ConfigError("telemetry.sim.decode_expert_params", cfg.telemetry.sim.decode_expert_params, "must be > 0")
+    if _present(cfg, "tracking.log_every") and _integer(cfg, "tracking.log_every") < 1:
+        raise ConfigError("tracking.log_every", cfg.tracking.log_every, "must be >= 1 (or null: per workload)")
     if cfg.router.adaptive and _integer(cfg, "router.update_every") < 1:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
     if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:

@@ -32,7 +32,8 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> None:
     keys = ["eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
-            "eval/p50_latency_ms", "eval/p99_latency_ms", "eval/max_temp_c", "eval/time_over_power_target_frac", "eval/time_over_temp_target_frac",
+            "eval/p50_latency_ms", "eval/p99_latency_ms", "eval/max_temp_c", "eval/time_over_power_target_frac",
+            "eval/time_over_temp_target_frac",
             "ttt/skip_frac", "overhead/telemetry_frac", "overhead/logging_frac", "overhead/ttha_update_frac",
             "overhead/ttha_host_frac", "overhead/router_bias_frac"]
     width = max(len(k) for k in keys)
@@ -58,7 +59,8 @@ def run(cfg: DictConfig) -> list[float]:
     cost_model = costs.KernelCostModel.load(cfg.get("cost_model"))
     corpus = data.cached_corpus(cfg.data, pretrain.cache_dir(cfg))
 
-    tracker = tracking.tracker_from_config(cfg.tracking)
+    decode = cfg.workload.kind == "decode"
+    tracker = tracking.tracker_from_config(cfg.tracking, serving_decode.LOG_EVERY if decode else 1)
     tags = {"telemetry.source": monitor.source, "device": str(device), "kernels.backend": backend,
             "cost_model": cost_model.source, **dict(cfg.tracking.get("tags") or {})}
     tracker.start(run_info.run_name(cfg), {**tags, **run_info.factors(cfg)}, cfg.tracking.get("parent_run_id"))
@@ -80,7 +82,6 @@ def run(cfg: DictConfig) -> list[float]:
         model_mod.quantize_experts(model, list(cfg.experts.bits), int(cfg.experts.group_size))
         model.eval()
         bits = model_mod.expert_bits(model)
-        decode = cfg.workload.kind == "decode"
         router = routing.AdaptiveRouter(cfg.model.n_experts, cfg.model.top_k, bits, cost_model, cfg.router,
                                         cfg.objective, cfg.targets, device, decode=decode)
         model.set_router(router)

@@ -25,6 +25,8 @@ from ttha.decode import Decoder
 from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, summarize, update_router,
                           usage_array)
 
+LOG_EVERY = 16  # steps a logged MLflow point averages by default: a decode run serves hundreds of steps a second
+
 
 def step_interval(workload) -> float:
     """Seconds between decode steps: 0 when saturated (workload.steps_per_s null)."""

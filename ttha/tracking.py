@@ -112,14 +112,16 @@ class Tracker:
     """One MLflow run: params, buffered step metrics, summary metrics, artifacts, status; and, for a sweep's
     parent run, its child runs."""
 
-    def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0):
+    def __init__(self, uri: str, experiment: str, flush_every_s: float = 2.0, log_every: int = 1):
         self.uri = uri
         if is_folder_store(uri):  # MLflow 3 refuses them unless told (its file store is in maintenance mode)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         with store_lock(uri) or contextlib.nullcontext():  # the client creates (and migrates) the store
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment_id(experiment)
-        self.flush_every_s = flush_every_s
+        self.flush_every_s, self.log_every = flush_every_s, int(log_every)
+        self._window: dict[str, list[float]] = {}  # key -> [sum, count] of the steps not yet logged
+        self._window_steps, self._last_step = 0, None
         self.run_id: str | None = None
         self._buffer: list[Metric] = []
         self._lock = threading.Lock()
@@ -198,6 +200,7 @@ class Tracker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._log_window(self._last_step)  # a last, partial window
         try:
             self.flush()
         except Exception as flush_err:  # the status must still be written
@@ -235,7 +238,26 @@ class Tracker:
         self.set_tags({MLFLOW_RUN_NOTE: markdown}, run_id)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Buffer one step's metrics (cheap: the background thread writes them)."""
+        """Buffer one step's metrics (cheap: the background thread writes them). With log_every > 1 a point is
+        the mean of each key over the last log_every steps, logged at the last of them: decode serves hundreds
+        of steps a second, more metrics than MLflow writes, and its writes hold the GIL the serving loop needs."""
+        if self.log_every > 1:
+            for k, v in metrics.items():
+                if v is not None:
+                    acc = self._window.setdefault(k, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + float(v), acc[1] + 1
+            self._window_steps, self._last_step = self._window_steps + 1, step
+            if self._window_steps >= self.log_every:
+                self._log_window(step)
+            return
+        self._buffer_metrics(step, metrics)
+
+    def _log_window(self, step: int | None) -> None:
+        window, self._window, self._window_steps = self._window, {}, 0
+        if window:
+            self._buffer_metrics(step, {k: total / n for k, (total, n) in window.items()})
+
+    def _buffer_metrics(self, step: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         bad = {m.key for m in batch if not math.isfinite(m.value)} - self.nonfinite
@@ -253,7 +275,7 @@ class Tracker:
             self.set_tags({NONFINITE_TAG: ",".join(sorted(self.nonfinite))})
 
     def log_summary(self, metrics: dict[str, float]) -> None:
-        self.log_step(0, metrics)
+        self._buffer_metrics(0, metrics)
         self.flush()
 
     def flush(self) -> None:
@@ -296,11 +318,13 @@ class Tracker:
             retry(self.client.set_terminated, run_id, status=status)
 
 
-def tracker_from_config(tracking_cfg) -> Tracker:
-    """The run's Tracker from its `tracking` config group (conf/tracking)."""
+def tracker_from_config(tracking_cfg, default_log_every: int = 1) -> Tracker:
+    """The run's Tracker from its `tracking` config group (conf/tracking); default_log_every where
+    tracking.log_every is null."""
     plots_mode(tracking_cfg.get("plots", True))  # again: the profiler's runs come here without config.validate
     uri = tracking_cfg.uri or default_uri()
-    return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s))
+    return Tracker(uri, tracking_cfg.experiment, float(tracking_cfg.flush_every_s),
+                   tracking_cfg.get("log_every") or default_log_every)
 
 
 def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
