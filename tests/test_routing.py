@@ -343,3 +343,33 @@ def test_quality_guard_keeps_perplexity_within_2_percent_of_static_far_over_targ
         ppl[name], bias[name], scale[name] = math.exp(nll / n), router.bias, router.guard_scale
     assert float(bias["ttha"].abs().max()) > 0.05 and scale["ttha"] < 1.0  # TTHA acts, the guard binds
     assert ppl["ttha"] <= 1.02 * ppl["static"], ppl
+
+
+def test_decode_steps_reuse_a_gate_records_idle_probabilities(monkeypatch):
+    """P(e idle) of a gate record is computed once for every step that routes by it (the steps between two
+    updates), and a new record is computed afresh: the biases are those of a router that recomputes each step."""
+    from ttha import routing
+    calls = []
+    real = routing.activation_np
+    monkeypatch.setattr(routing, "activation_np", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hot = sample(power_w=600.0)
+    torch.manual_seed(0)
+    router = make_router(decode=True, update_every=4)
+    torch.manual_seed(0)  # the same adapter weights
+    fresh = make_router(decode=True, update_every=4)
+    for step in range(8):
+        serve_step(router, hot, seed=step)
+        router.stage(for_update=step % 4 == 0)
+        if step % 4 == 0:
+            router.update_ttha(hot, 10.0, 1.0)
+        fresh._idle = (None, None)  # no reuse: the reference
+        serve_step(fresh, hot, seed=step)
+        fresh.stage(for_update=step % 4 == 0)
+        if step % 4 == 0:
+            fresh.update_ttha(hot, 10.0, 1.0)
+        assert torch.equal(router.bias, fresh.bias), step
+    n_fresh = len(calls)
+    calls.clear()
+    serve_step(router, hot, seed=9)
+    assert not calls  # the record of step 4 is reused
+    assert n_fresh > 0

@@ -141,6 +141,7 @@ class AdaptiveRouter:
         self._staged_probs = None  # (gate probs [E, N] on the host, layers), for the next update
         self._gate_q: tuple | None = None  # (the last gate probs [E, N] seen, layers): the guard's reference
         self._alpha = 1.0  # the guard's scale of this step's bias
+        self._idle: tuple = (None, None)  # (gate record q, its P(e idle)) in decode
 
     # ---- costs and features ------------------------------------------------------------------------
     def _features(self, costs) -> torch.Tensor:
@@ -185,9 +186,6 @@ class AdaptiveRouter:
         over = [min(v, RATIO_CLAMP) for v in self.over_target(sample, latency_ms).values()]
         return np.array([min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over, dtype=np.float32)
 
-    def hw_features(self, sample, latency_ms: float) -> torch.Tensor:
-        return torch.from_numpy(self._hw_np(sample, latency_ms))
-
     def _cost_bias_np(self, strain: dict[str, float], idle=None) -> np.ndarray:
         """-scale x (energy strain x energy_e + latency strain x latency_e) [x idle_e in decode]: [E], zero
         under every target."""
@@ -211,8 +209,9 @@ class AdaptiveRouter:
         q, layers = gate if gate is not None else (None, None)
         idle = None
         if self.decode:  # P(e idle) under the gate alone, averaged over the layers; unknown: every expert idle
-            idle = np.ones(self.n_experts, dtype=np.float32) if q is None else \
-                (1.0 - activation_np(q.T.reshape(layers, -1, self.n_experts), self.top_k)[0].mean(0))
+            if q is not None and self._idle[0] is not q:  # steps route by one record until the next update
+                self._idle = (q, 1.0 - activation_np(q.T.reshape(layers, -1, self.n_experts), self.top_k)[0].mean(0))
+            idle = np.ones(self.n_experts, dtype=np.float32) if q is None else self._idle[1]
         raw, saved = self._raw_bias_np(sample, latency_ms, idle)
         return guard_scale(q, raw, self.max_drift), raw, saved, idle
 
@@ -373,7 +372,7 @@ class AdaptiveRouter:
         idle = self._step_bias(sample, latency_ms, (torch.softmax(logits, -1).t().numpy(), layers))[3]
         bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
-            bias = bias + self.adapter(self.cost_features, self.hw_features(sample, latency_ms))
+            bias = bias + self.adapter(self.cost_features, torch.from_numpy(self._hw_np(sample, latency_ms)))
         bias = bias.clamp(-self.max_bias, self.max_bias)
         hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
                                   self._term_weights(sample, latency_ms), self.obj["task_weight"],
