@@ -7,6 +7,7 @@ import pytest
 from ttha import config
 from ttha.config import ConfigError
 from ttha.model import MoELM
+from ttha.paths import conf_dir
 
 
 @pytest.mark.parametrize("key", config.POSITIVE + config.NON_NEGATIVE)
@@ -68,3 +69,12 @@ def test_a_bad_tracking_plots_is_refused_by_validate(compose_cfg, value):
         config.validate(compose_cfg(f"tracking.plots={value}"))
     assert err.value.key == "tracking.plots"
     assert str(err.value).endswith(": must be all, timeline or none (true = all, false = none)")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_and_validates(compose_cfg, tmp_path, preset):
+    """A bad value in a GPU preset would fail its first run on the device; here it fails on the CPU (GPU telemetry
+    and stress swapped for their simulated forms)."""
+    cfg = compose_cfg(f"experiment={preset}", "telemetry=sim", "stress.kind=none", "device=cpu",
+                      f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"pretrain.cache_dir={tmp_path}")
+    config.validate(cfg)
