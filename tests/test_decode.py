@@ -105,6 +105,32 @@ def test_bf16_decode_runs_the_grouped_experts_and_matches_full_forward(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_replay_of_several_steps_equals_the_steps_one_at_a_time(dtype):
+    """steps=4: one run() gives each step's counts and its NLL against the targets as four single steps give
+    them (the logits' cross-entropy), and leaves the last step's logits and gate logits."""
+    model = tiny_model([16, 4, 2], dtype)
+    seqs = sequences()
+    single, multi = Decoder(model, len(LENGTHS)), Decoder(model, len(LENGTHS), steps=4)
+    for t0 in range(0, STEPS - 4, 4):  # a replay's streams restart at different steps
+        pos = torch.tensor([schedule(t)[0] for t in range(t0, t0 + 5)])
+        tok = torch.stack([torch.stack([seqs[b][schedule(t)[1][b]][schedule(t)[0][b]] for b in range(3)])
+                           for t in range(t0, t0 + 5)])
+        want_nll, want_counts = [], []
+        for i in range(4):
+            logits = single.step(tok[i], pos[i])
+            want_nll.append(float(torch.nn.functional.cross_entropy(logits, tok[i + 1], reduction="sum")))
+            want_counts.append(single.counts.clone())
+        nll = multi.run(tok[:4], pos[:4], tok[1:])
+        assert nll.tolist() == pytest.approx(want_nll, rel=1e-5)
+        assert torch.equal(multi.step_counts, torch.stack(want_counts))
+        assert torch.equal(multi.logits, single.logits) and torch.equal(multi.gate_logits, single.gate_logits)
+    with pytest.raises(ValueError, match="call run"):
+        multi.step(tok[0], pos[0])
+    with pytest.raises(ValueError, match="^tokens"):
+        multi.run(tok[:3], pos[:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_written_in_place_steers_routing_and_counts_follow_it(dtype):
     """A bias that keeps tokens off the 16-bit experts, written in place after the first step: from then on no
     token reaches them, counts are the full forward's routes at each stream's position under that bias, and the
@@ -230,6 +256,7 @@ def test_decode_preset_is_dominated_by_expert_weights(compose_cfg):
     (lambda m: Decoder(m, 0), "batch_size=0"),
     (lambda m: Decoder(m, 2, max_seq_len=33), "max_seq_len=33"),
     (lambda m: Decoder(m, 2, graph=True), "graph=True"),
+    (lambda m: Decoder(m, 2, steps=0), "steps=0"),
     (lambda m: Decoder(m, 2).step(torch.tensor([1, 2]), [0, 32]), "positions"),
     (lambda m: Decoder(m, 2).step(torch.tensor([1, 2]), [0]), "positions"),
     (lambda m: Decoder(m, 2).step(torch.tensor([1, 256]), [0, 1]), "tokens"),

@@ -78,6 +78,20 @@ def test_gpu_bias_in_place_keeps_tokens_off_16bit_experts_whose_weights_are_neve
     assert graphed.captures == 1
 
 
+def test_gpu_a_graph_of_four_steps_equals_the_eager_steps():
+    """steps=4: one replay gives the counts of four eager steps and their NLL, captured once."""
+    m = model()
+    graphed, eager = Decoder(m, B, steps=4), Decoder(m, B, steps=4, graph=False)
+    for t0 in range(0, 12, 4):
+        steps = [inputs(t) for t in range(t0, t0 + 5)]
+        tokens, pos = torch.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps])
+        got = graphed.run(tokens[:4].cuda(), pos[:4], tokens[1:].cuda()).clone()
+        want = eager.run(tokens[:4], pos[:4], tokens[1:])
+        assert torch.equal(graphed.step_counts, eager.step_counts)
+        assert rel(got, want) < 1e-3
+    assert graphed.captures == 1
+
+
 def test_gpu_decode_follows_the_full_forward():
     """Teacher-forced on one sequence per stream: the captured step's logits against the bf16 full forward."""
     m = model()

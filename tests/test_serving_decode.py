@@ -25,17 +25,23 @@ def steps_csv(client, run, tmp: Path) -> list[dict]:
 @pytest.mark.slow
 def test_decode_serves_the_same_bytes_as_the_batch_workload(tmp_path, cache_dir, monkeypatch, make_cfg):
     """Teacher-forced decode through the KV cache scores each byte as the batch forward does: the same prequential
-    perplexity (static routing, no TTT); one record per decode step, p50 <= p99 latency."""
+    perplexity (static routing, no TTT); one record per decode step, p50 <= p99 latency. Four steps a replay
+    score and route the same, and a replay waits for its last step's arrival: its first step queues 3 ms more."""
     monkeypatch.chdir(tmp_path)
     got = {}
-    for workload in ("saturated", "decode"):
-        (tmp_path / workload).mkdir()
-        experiment.run(make_cfg(tmp_path / workload, cache_dir, f"workload={workload}", "router=static", "ttt=never",
-                                *SHORT))
-        client, (run,) = runs(tmp_path / workload)
-        got[workload] = run.data.metrics, steps_csv(client, run, tmp_path / workload)
-    batch, (decode, rows) = got["saturated"][0], got["decode"]
+    for name, workload in (("saturated", ["workload=saturated"]), ("decode", ["workload=decode"]),
+                           ("decode4", ["workload=decode", "workload.steps_per_graph=4"])):
+        (tmp_path / name).mkdir()
+        experiment.run(make_cfg(tmp_path / name, cache_dir, *workload, "router=static", "ttt=never", *SHORT))
+        client, (run,) = runs(tmp_path / name)
+        got[name] = run.data.metrics, steps_csv(client, run, tmp_path / name)
+    batch, (decode, rows), (decode4, rows4) = got["saturated"][0], got["decode"], got["decode4"]
     assert decode["eval/perplexity"] == pytest.approx(batch["eval/perplexity"], rel=1e-4)
+    assert decode4["eval/perplexity"] == pytest.approx(decode["eval/perplexity"], rel=1e-6)
+    for key in ("eval/batch_loss", "experts/activated_16bit", "experts/activated_4bit"):
+        assert [float(r[key]) for r in rows4] == pytest.approx([float(r[key]) for r in rows], rel=1e-5), key
+    lat = np.array([float(r["latency_ms"]) for r in rows4]).reshape(-1, 4)  # a replay a row
+    assert lat[:, 0] == pytest.approx(lat[:, 3] + 3.0, rel=1e-6) and (lat[:, 3] > 0).all()
     assert batch["eval/perplexity"] < 64  # a trained model, not a uniform one that any order scores alike
     assert len(rows) == 3 * 32 and [int(r["step"]) for r in rows] == list(range(96))
     assert 0 < decode["eval/p50_latency_ms"] <= decode["eval/p99_latency_ms"]
@@ -100,6 +106,9 @@ def test_decode_pacing_and_expert_size_come_from_the_config(compose_cfg):
     ("telemetry.sim.decode_expert_params=0", "telemetry.sim.decode_expert_params"),
     ("tracking.log_every=0", "tracking.log_every"),
     ("tracking.log_every=2.5", "tracking.log_every"),
+    ("workload.steps_per_graph=0", "workload.steps_per_graph"),
+    ("workload.steps_per_graph=3", "workload.steps_per_graph"),  # test.seq_len 64 is not whole replays of 3
+    ("workload.steps_per_graph=1.5", "workload.steps_per_graph"),
 ])
 def test_bad_decode_values_name_their_key(compose_cfg, override, key):
     cfg = compose_cfg("workload=decode", "device=cpu", override)

@@ -192,6 +192,10 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.workload.kind == "decode" and _present(cfg, "workload.steps_per_s"):  # null: saturated
         if _number(cfg, "workload.steps_per_s") <= 0:
             raise ConfigError("workload.steps_per_s", cfg.workload.steps_per_s, "must be > 0 (or null: saturated)")
+    if cfg.workload.kind == "decode" and _present(cfg, "workload.steps_per_graph"):
+        n = _integer(cfg, "workload.steps_per_graph")
+        if n < 1 or cfg.test.seq_len % n:
+            raise ConfigError("workload.steps_per_graph", n, f"must be >= 1 and divide test.seq_len={cfg.test.seq_len}")
     if _present(cfg, "telemetry.sim.decode_expert_params") and _number(cfg, "telemetry.sim.decode_expert_params") <= 0:
         raise ConfigError("telemetry.sim.decode_expert_params", cfg.telemetry.sim.decode_expert_params, "must be > 0")
     if _present(cfg, "tracking.log_every") and _integer(cfg, "tracking.log_every") < 1:

@@ -125,13 +125,21 @@ class Decoder:
     and then stacked here). graph: capture the step as a CUDA graph (None: where it can be, on CUDA with the
     grouped kernels). step(tokens, positions) -> next-token logits [B, vocab] fp32.
 
-    Static device tensors, valid after a step until the next: logits [B, V], gate_logits [L, B, E] fp32, counts
-    [L, E] int32 (tokens routed to each expert). `bias` [E] fp32 is read by every step: write it in place
-    (set_bias), never rebind it (a captured graph holds its address)."""
+    steps > 1: run() decodes that many steps in one go, one graph replay (vLLM's multi-step scheduling): the
+    host's work per replay (inputs, bias, reading the results) is shared by the steps, so a small model's step
+    is bound by the GPU rather than by Python. The bias holds for the replay's steps; routing stays per token.
 
-    def __init__(self, model: MoELM, batch_size: int, max_seq_len: int | None = None, graph: bool | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+    Static device tensors, valid after a step (or run) until the next: logits [B, V] and gate_logits [L, B, E]
+    fp32 of the last step, step_counts [steps, L, E] int32 (tokens routed to each expert; counts: the last
+    step's), nll [steps] (each step's next-token NLL summed over the streams, against run()'s targets). `bias`
+    [E] fp32 is read by every step: write it in place (set_bias), never rebind it (a captured graph holds its
+    address)."""
+
+    def __init__(self, model: MoELM, batch_size: int, max_seq_len: int | None = None, graph: bool | None = None,
+                 steps: int = 1):
+        for name, v in (("batch_size", batch_size), ("steps", steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an int >= 1")
         s = model.max_seq_len if max_seq_len is None else max_seq_len
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= model.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len!r}: must be an int in [1, model.max_seq_len="
@@ -139,7 +147,7 @@ class Decoder:
         self.model = model
         param = model.tok.weight
         self.device, self.dtype = param.device, param.dtype
-        self.batch_size, self.max_seq_len = batch_size, s
+        self.batch_size, self.max_seq_len, self.steps = batch_size, s, steps
         block = model.blocks[0]
         self.n_layers, self.n_heads = len(model.blocks), block.n_heads
         self.d_model = model.tok.weight.shape[1]
@@ -150,11 +158,13 @@ class Decoder:
         self.k_cache = torch.zeros(cache, dtype=self.dtype, device=dev)
         self.v_cache = torch.zeros(cache, dtype=self.dtype, device=dev)
         self.bias = torch.zeros(self.n_experts, dtype=torch.float32, device=dev)
-        self.tokens = torch.zeros(b, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.tokens, self.positions, self.targets = (torch.zeros((steps, b), dtype=torch.long, device=dev)
+                                                     for _ in range(3))
         self.logits = torch.zeros((b, model.vocab_size), dtype=torch.float32, device=dev)
+        self.nll = torch.zeros(steps, dtype=torch.float32, device=dev)
         self.gate_logits = torch.zeros((layers, b, self.n_experts), dtype=torch.float32, device=dev)
-        self.counts = torch.zeros((layers, self.n_experts), dtype=torch.int32, device=dev)
+        self.step_counts = torch.zeros((steps, layers, self.n_experts), dtype=torch.int32, device=dev)
+        self.counts = self.step_counts[-1]
         self._rows = torch.arange(b, device=dev)
         self._cols = torch.arange(s, device=dev)
         stacks = [grouped_experts(layer) for layer in model.moe_layers]
@@ -193,37 +203,54 @@ class Decoder:
             raise ValueError(f"bias: expected shape ({self.n_experts},), got {tuple(v.shape)}")
         self.bias.copy_(self._host_to_device(v) if v.device.type == "cpu" else v, non_blocking=True)
 
-    def load(self, tokens, positions) -> None:
-        """Write the step's inputs into the static buffers: tokens [B] (host or device) and positions [B] (host:
-        checked here, 0 <= p < max_seq_len; position 0 starts a stream's next sequence)."""
-        b = self.batch_size
-        pos = torch.as_tensor(positions)
-        integral = not (pos.dtype.is_floating_point or pos.dtype == torch.bool)
-        if pos.device.type != "cpu" or tuple(pos.shape) != (b,) or not integral:
-            raise ValueError(f"positions: expected {b} integers on the host, got {pos.dtype} {tuple(pos.shape)} on "
-                             f"{pos.device}")
+    def load(self, tokens, positions, targets=None) -> None:
+        """Write the inputs into the static buffers: tokens, targets [steps, B] (host or device; [B] when steps
+        is 1) and positions (host: checked here, 0 <= p < max_seq_len; position 0 starts a stream's next
+        sequence). Targets (the next tokens) only score the steps (nll); None leaves the last ones."""
+        pos = self._checked("positions", positions)
+        if pos.device.type != "cpu":
+            raise ValueError(f"positions: expected on the host, got {pos.device}")
         if int(pos.min()) < 0 or int(pos.max()) >= self.max_seq_len:
             raise ValueError(f"positions: {pos.tolist()} must lie in [0, max_seq_len={self.max_seq_len})")
-        tok = torch.as_tensor(tokens)
-        if tuple(tok.shape) != (b,) or tok.dtype.is_floating_point or tok.dtype == torch.bool:
-            raise ValueError(f"tokens: expected {b} integers, got {tok.dtype} {tuple(tok.shape)}")
-        if tok.device.type == "cpu":
-            if int(tok.min()) < 0 or int(tok.max()) >= self.model.vocab_size:
-                raise ValueError(f"tokens: {tok.tolist()} must lie in [0, vocab_size={self.model.vocab_size})")
-            tok = self._host_to_device(tok.long())
-        self.tokens.copy_(tok, non_blocking=True)
         self.positions.copy_(self._host_to_device(pos.long()), non_blocking=True)
+        for name, values in (("tokens", tokens), ("targets", targets)):
+            if values is None:
+                continue
+            tok = self._checked(name, values)
+            if tok.device.type == "cpu":
+                if int(tok.min()) < 0 or int(tok.max()) >= self.model.vocab_size:
+                    raise ValueError(f"{name}: {tok.tolist()} must lie in [0, vocab_size={self.model.vocab_size})")
+                tok = self._host_to_device(tok.long())
+            getattr(self, name).copy_(tok, non_blocking=True)
+
+    def _checked(self, name: str, values) -> torch.Tensor:
+        """values as integers [steps, B] (given so, or [B] when steps is 1), else a ValueError naming them."""
+        v = torch.as_tensor(values)
+        shape = (self.steps, self.batch_size)
+        if v.dtype.is_floating_point or v.dtype == torch.bool or not (
+                tuple(v.shape) == shape or (self.steps == 1 and tuple(v.shape) == shape[1:])):
+            raise ValueError(f"{name}: expected {self.batch_size} integers a step ({self.steps} steps), got "
+                             f"{v.dtype} {tuple(v.shape)}")
+        return v.reshape(shape)
 
     def step(self, tokens, positions) -> torch.Tensor:
         """One decode step: the next-token logits [B, vocab] fp32 of each stream (the static `logits` tensor)."""
-        self.load(tokens, positions)
+        if self.steps != 1:
+            raise ValueError(f"step: this decoder runs steps={self.steps} at a time: call run()")
+        self.run(tokens, positions)
+        return self.logits
+
+    def run(self, tokens, positions, targets=None) -> torch.Tensor:
+        """`steps` decode steps (tokens, positions, targets as load() takes them), one graph replay where the
+        step is captured. Returns nll [steps] (the static tensor; queued, not read: the host does not wait)."""
+        self.load(tokens, positions, targets)
         if self.graphed:
             if self._graph is None:
                 self.capture()
             self._graph.replay()
         else:
             self.compute()
-        return self.logits
+        return self.nll
 
     def capture(self) -> None:
         """Capture the step on the loaded inputs as a CUDA graph, after eager runs (kernel autotuning cannot run
@@ -236,29 +263,34 @@ class Decoder:
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def compute(self) -> None:
-        """The step on the loaded inputs, eagerly (what the graph replays)."""
-        m = self.model
-        x = m.tok(self.tokens) + m.pos(self.positions)
-        mask = (self._cols[None, :] <= self.positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        for layer, block in enumerate(m.blocks):
-            x = x + self._attend(layer, block, block.ln1(x), mask)
-            x = x + self._moe(layer, block.moe, block.ln2(x))
-        self.logits.copy_(m.head(m.ln_f(x)))
+        """The loaded steps, eagerly (what the graph replays)."""
+        for i in range(self.steps):
+            self._step(i)
 
-    def _attend(self, layer: int, block, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _step(self, i: int) -> None:
+        m, positions = self.model, self.positions[i]
+        x = m.tok(self.tokens[i]) + m.pos(positions)
+        mask = (self._cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        for layer, block in enumerate(m.blocks):
+            x = x + self._attend(layer, block, block.ln1(x), positions, mask)
+            x = x + self._moe(layer, block.moe, block.ln2(x), self.step_counts[i, layer])
+        self.logits.copy_(m.head(m.ln_f(x)))
+        self.nll[i] = F.cross_entropy(self.logits, self.targets[i], reduction="sum")
+
+    def _attend(self, layer: int, block, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
         b = self.batch_size
         q, k, v = block.qkv(h).view(b, 3, self.n_heads, self.head_dim).unbind(1)
         keys, values = self.k_cache[layer], self.v_cache[layer]  # [B, H, S, hd]
-        keys[self._rows, :, self.positions] = k
-        values[self._rows, :, self.positions] = v
+        keys[self._rows, :, positions] = k
+        values[self._rows, :, positions] = v
         att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)  # [B, H, 1, hd]
         return block.proj(att.reshape(b, self.d_model))
 
-    def _moe(self, layer: int, moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
+    def _moe(self, layer: int, moe: MoEFFN, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         logits = moe.gate(h).float()
         weights, _, plan = kernels.topk_router(logits, self.bias, self.top_k, return_plan=True)
         self.gate_logits[layer].copy_(logits)
-        self.counts[layer].copy_(plan.counts)
+        counts.copy_(plan.counts)
         if self.experts is not None:
             return kernels.moe_decode(h, weights, plan, self.experts[layer])
         return _moe_through_modules(moe, h, weights, plan)

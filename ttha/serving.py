@@ -116,7 +116,7 @@ class StepClock:
     def timed(self, name: str):
         t = time.perf_counter()
         yield
-        self.span[name] = time.perf_counter() - t
+        self.span[name] = self.span.get(name, 0.0) + time.perf_counter() - t  # a span may recur (a record a step)
 
     def mark(self, name: str) -> None:
         """Name the time since the step started."""

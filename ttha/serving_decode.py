@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ttha import data, pretrain, sim
@@ -49,15 +48,20 @@ def expert_params(cfg) -> float:
 
 
 def serve(s: Serving) -> tuple[list[dict], dict]:
-    """The test-time phase in decode: one record per decode step. Returns the records and the summary metrics."""
+    """The test-time phase in decode: one record per decode step. Returns the records and the summary metrics.
+
+    The streams advance workload.steps_per_graph steps a replay: telemetry, the router's bias and the host's
+    reads happen once per replay; the replay starts when its last step's tokens have arrived (paced), so each
+    step's latency runs from its own arrival to the replay's end."""
     cfg = s.cfg
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
+    n = int(cfg.workload.get("steps_per_graph") or 1)
     n_warm, n_meas = int(cfg.test.warmup_batches), int(cfg.test.n_batches)  # in batches of sequences
     adaptive = bool(cfg.router.adaptive)
     update_every = int(cfg.router.get("update_every", 1))
     run_clock, clock = RunClock(s.monitor), StepClock()
     pacer = Pacer(run_clock, step_interval(cfg.workload))
-    decoder = Decoder(s.model, B, max_seq_len=S)
+    decoder = Decoder(s.model, B, max_seq_len=S, steps=n)
     sim_cfg = cfg.telemetry.get("sim") or {}
     power_range = (float(sim_cfg.get("idle_w", sim.IDLE_W)), float(sim_cfg.get("cap_w", sim.CAP_W)))
     per_expert = expert_params(cfg)
@@ -75,10 +79,11 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             energy0, t_meas0, wall0 = s.monitor.energy_j(), run_clock.now(), time.perf_counter()
             read_energy0 = s.monitor.latest().energy_j
         on_device = batch.to(s.device, non_blocking=True)
-        inputs, targets = on_device[:, :-1], on_device[:, 1:]
-        for p in range(S):
-            step = (i - n_warm) * S + p
-            arrival = pacer.wait(step) if step >= 0 else run_clock.now()
+        inputs, targets = on_device[:, :-1].t(), on_device[:, 1:].t()  # [S, B]: a row a step
+        for p in range(0, S, n):
+            first = (i - n_warm) * S + p  # the replay's steps: first .. first + n - 1
+            last_arrival = pacer.wait(first + n - 1) if first >= 0 else run_clock.now()
+            arrivals = last_arrival - pacer.interval * np.arange(n - 1, -1, -1)
             clock.start()
             with clock.timed("telemetry"):
                 sample = s.monitor.latest()
@@ -86,42 +91,47 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
                 s.router.begin_step(sample, latency_ms)
                 if adaptive:
                     decoder.set_bias(s.router.device_bias)
-            update = adaptive and n_steps % update_every == 0
-            logits = decoder.step(inputs[:, p], torch.full((B,), p, dtype=torch.long))
-            nll_t = F.cross_entropy(logits, targets[:, p], reduction="sum")
-            s.router.record_decode(decoder.gate_logits, decoder.counts)
+            update = adaptive and any((n_steps + j) % update_every == 0 for j in range(n))
+            positions = torch.arange(p, p + n).unsqueeze(1).expand(n, B)
+            nll_t = decoder.run(inputs[p:p + n], positions, targets[p:p + n])
+            s.router.record_decode(decoder.gate_logits, decoder.step_counts.sum(0))  # the last step's gate
             s.router.stage(for_update=update)
-            nll = float(nll_t)  # the step's one sync: its loss, counts and staged records are then on the host
-            counts = decoder.counts.cpu().numpy()
+            nll = nll_t.tolist()  # the replay's one sync: its losses, counts and staged records are then here
+            counts = decoder.step_counts.cpu().numpy()
             clock.mark("serve")
 
             row = {}
-            if p == S - 1:  # the streams' sequences are done: train on them (or not) before the next ones
+            if p + n == S:  # the streams' sequences are done: train on them (or not) before the next ones
                 mode, reason = s.policy.decide(sample, B * S, latency_ms)
                 with clock.timed("ttt"):
                     s.trainer.step(on_device, mode)
                 row = {"ttt/mode": TTT_CODE[mode], "ttt/reason": reason}
-            terms, exposed = update_router(s, clock, update, sample, latency_ms, nll / B)
+            terms, exposed = update_router(s, clock, update, sample, latency_ms, sum(nll) / (n * B))
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
             usage = usage_array(s.router, s.sim_work.n_experts)
-            if run_clock.simulated:  # the simulated GPU reads the activated experts, then trains
-                run_clock.busy(*s.sim_work.decode(counts, per_expert, *power_range))
+            if run_clock.simulated:  # the simulated GPU reads each step's activated experts, then trains
+                for c in counts:
+                    run_clock.busy(*s.sim_work.decode(c, per_expert, *power_range))
                 if "ttt/mode" in row:
                     run_clock.busy(*s.sim_work.ttt(mode))
             t_end = run_clock.now()
-            latency_ms = (t_end - arrival) * 1000.0  # queueing included when paced
-            n_steps += 1
-            bar.update()
-            if step < 0:
+            latencies = (t_end - arrivals) * 1000.0  # queueing included when paced
+            latency_ms = float(latencies[-1])  # the newest step's: what the next bias reads
+            n_steps += n
+            bar.update(n)
+            if first < 0:
                 continue
 
-            nll_sum, ntok = nll_sum + nll, ntok + B
-            row.update({"step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "eval/batch_loss": nll / B,
-                        **activation_rates(counts, bits)})
-            record(s, clock, rows, row, sample, sample.energy_j - read_energy0, usage, terms)
+            for j in range(n):  # a record per step; the replay's TTT decision and loss terms on its last
+                nll_sum, ntok = nll_sum + nll[j], ntok + B
+                step_row = {"step": first + j, "t": t_end - t_meas0, "latency_ms": float(latencies[j]),
+                            "eval/batch_loss": nll[j] / B, **activation_rates(counts[j], bits),
+                            **(row if j == n - 1 else {})}
+                record(s, clock, rows, step_row, sample, sample.energy_j - read_energy0, usage,
+                       terms if j == n - 1 else {})
             clock.count(exposed)
-            if n_steps % 16 == 0:
+            if n_steps % 16 < n:
                 bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", refresh=False)
     bar.close()
 
