@@ -194,7 +194,7 @@ class Decoder:
     def _host_to_device(self, values: torch.Tensor) -> torch.Tensor:
         """A fresh pinned copy per call, queued: the host never waits for the GPU, and no buffer is reused
         before its copy ran (the caching host allocator holds it until then)."""
-        return values.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else values
+        return values.contiguous().pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else values
 
     def set_bias(self, values) -> None:
         """Write the router bias [E] in place (it takes effect at the next step; a graph is not recaptured)."""
