@@ -89,6 +89,9 @@ def test_gpu_a_graph_of_four_steps_equals_the_eager_steps():
         want = eager.run(tokens[:4], pos[:4], tokens[1:])
         assert torch.equal(graphed.step_counts, eager.step_counts)
         assert rel(got, want) < 1e-3
+    same = torch.arange(4).unsqueeze(1).expand(4, B)  # every stream at one position: a zero-stride view, as serving
+    got = graphed.run(tokens[:4], same, tokens[1:]).clone()
+    assert rel(got, eager.run(tokens[:4], same, tokens[1:])) < 1e-3
     assert graphed.captures == 1
 
 
