@@ -126,8 +126,8 @@ class StepClock:
         """Add this step to the totals; the adapter update only where it was exposed (see update_router)."""
         self.mark("step")
         for name in ("telemetry", "bias", "ttha", "log", "step"):
-            self.total[name] += self.span[name]
-        self.total["ttha_exposed"] += self.span["ttha"] if exposed else 0.0
+            self.total[name] += self.span.get(name, 0.0)  # a decode replay with nothing to learn from has no ttha
+        self.total["ttha_exposed"] += self.span.get("ttha", 0.0) if exposed else 0.0
 
     def fraction(self, name: str) -> float:
         return self.total[name] / self.total["step"]

@@ -52,7 +52,8 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
     The streams advance workload.steps_per_graph steps a replay: telemetry, the router's bias and the host's
     reads happen once per replay; the replay starts when its last step's tokens have arrived (paced), so each
-    step's latency runs from its own arrival to the replay's end."""
+    step's latency runs from its own arrival to the replay's end. The adapter learns from a replay while the
+    GPU runs the next one (host work hidden behind it), so a replay's loss terms are logged with the next."""
     cfg = s.cfg
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
     n = int(cfg.workload.get("steps_per_graph") or 1)
@@ -68,7 +69,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     bits = s.router.bits
 
     rows: list[dict] = []
-    nll_sum, ntok, latency_ms, n_steps = 0.0, 0, 0.0, 0
+    nll_sum, ntok, latency_ms, n_steps, learn = 0.0, 0, 0.0, 0, None
     energy0 = t_meas0 = wall0 = read_energy0 = None
     bar = tqdm(total=(n_warm + n_meas) * S, desc="decode", unit="step", dynamic_ncols=True,
                mininterval=pretrain.progress_interval())
@@ -94,11 +95,14 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             update = adaptive and any((n_steps + j) % update_every == 0 for j in range(n))
             positions = torch.arange(p, p + n).unsqueeze(1).expand(n, B)
             nll_t = decoder.run(inputs[p:p + n], positions, targets[p:p + n])
+            # while the GPU runs the replay, the adapter learns from the one before (its records are staged)
+            terms, exposed = update_router(s, clock, *learn) if learn else ({}, True)
             s.router.record_decode(decoder.gate_logits, decoder.step_counts.sum(0))  # the last step's gate
             s.router.stage(for_update=update)
             nll = nll_t.tolist()  # the replay's one sync: its losses, counts and staged records are then here
             counts = decoder.step_counts.cpu().numpy()
             clock.mark("serve")
+            learn = (update, sample, latency_ms, sum(nll) / (n * B))  # what this replay was routed under
 
             row = {}
             if p + n == S:  # the streams' sequences are done: train on them (or not) before the next ones
@@ -106,7 +110,6 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
                 with clock.timed("ttt"):
                     s.trainer.step(on_device, mode)
                 row = {"ttt/mode": TTT_CODE[mode], "ttt/reason": reason}
-            terms, exposed = update_router(s, clock, update, sample, latency_ms, sum(nll) / (n * B))
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
             usage = usage_array(s.router, s.sim_work.n_experts)
