@@ -193,8 +193,11 @@ class Decoder:
     # ---- inputs --------------------------------------------------------------------------------------------
     def _host_to_device(self, values: torch.Tensor) -> torch.Tensor:
         """A fresh pinned copy per call, queued: the host never waits for the GPU, and no buffer is reused
-        before its copy ran (the caching host allocator holds it until then)."""
-        return values.contiguous().pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else values
+        before its copy ran (the caching host allocator holds it until then). Contiguous first: pinned as is, an
+        expanded view keeps its zero strides, and the device copy would write one element from several."""
+        if self.device.type != "cuda":
+            return values
+        return values.contiguous().pin_memory().to(self.device, non_blocking=True)
 
     def set_bias(self, values) -> None:
         """Write the router bias [E] in place (it takes effect at the next step; a graph is not recaptured)."""
