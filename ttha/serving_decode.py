@@ -120,7 +120,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
                     run_clock.busy(*s.sim_work.ttt(mode))
             t_end = run_clock.now()
             latencies = (t_end - arrivals) * 1000.0  # queueing included when paced
-            latency_ms = float(latencies[-1])  # the newest step's: what the next bias reads
+            latency_ms = float(latencies.mean())  # the replay's steps' mean: what the next bias reads
             n_steps += n
             bar.update(n)
             if first < 0:
