@@ -62,7 +62,8 @@ def test_decode_trains_at_each_sequence_end_and_ttha_reads_fewer_16bit_experts(t
     replay: the adapter learns from each replay while the next runs."""
     monkeypatch.chdir(tmp_path)
     common = ["ttt=always", "targets.power_w=150", "workload.steps_per_graph=4",
-              f"telemetry.sim.decode_expert_params={MIXTRAL_EXPERT}", "test.n_batches=12", "test.seq_len=64", "test.warmup_batches=1", "tracking.plots=none"]
+              f"telemetry.sim.decode_expert_params={MIXTRAL_EXPERT}", "test.n_batches=12", "test.seq_len=64",
+              "test.warmup_batches=1", "tracking.plots=none"]
     got = {}
     for name, router in (("static", "static"), ("ttha", "ttha"), ("again", "ttha")):
         (tmp_path / name).mkdir()
