@@ -189,11 +189,10 @@ def _check_values(cfg: DictConfig) -> None:
 
     if cfg.workload.kind == "paced" and _number(cfg, "workload.tokens_per_s") <= 0:
         raise ConfigError("workload.tokens_per_s", cfg.workload.tokens_per_s, "must be > 0")
-    if cfg.workload.kind == "decode" and _present(cfg, "workload.steps_per_s"):  # null: saturated
-        if _number(cfg, "workload.steps_per_s") <= 0:
+    if cfg.workload.kind == "decode":
+        if _present(cfg, "workload.steps_per_s") and _number(cfg, "workload.steps_per_s") <= 0:  # null: saturated
             raise ConfigError("workload.steps_per_s", cfg.workload.steps_per_s, "must be > 0 (or null: saturated)")
-    if cfg.workload.kind == "decode" and _present(cfg, "workload.steps_per_graph"):
-        n = _integer(cfg, "workload.steps_per_graph")
+        n = _integer(cfg, "workload.steps_per_graph") if _present(cfg, "workload.steps_per_graph") else 1
         if n < 1 or cfg.test.seq_len % n:
             raise ConfigError("workload.steps_per_graph", n, f"must be >= 1 and divide test.seq_len={cfg.test.seq_len}")
     if _present(cfg, "telemetry.sim.decode_expert_params") and _number(cfg, "telemetry.sim.decode_expert_params") <= 0:
