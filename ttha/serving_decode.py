@@ -53,7 +53,8 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     The streams advance workload.steps_per_graph steps a replay: telemetry, the router's bias and the host's
     reads happen once per replay; the replay starts when its last step's tokens have arrived (paced), so each
     step's latency runs from its own arrival to the replay's end. The adapter learns from a replay while the
-    GPU runs the next one (host work hidden behind it), so a replay's loss terms are logged with the next."""
+    GPU runs the next one (host work hidden behind it), so a replay's loss terms are logged with the next; the
+    run's last replay, which none follows, is not learnt from."""
     cfg = s.cfg
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
     n = int(cfg.workload.get("steps_per_graph") or 1)
