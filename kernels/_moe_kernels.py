@@ -1,13 +1,17 @@
 """The grouped MoE decode kernels that moe.py launches, and their autotune spaces.
 
 One layer's experts are FFNs w2 @ gelu(w1 @ x), stacked per precision (16-bit, 4-bit, 2-bit). A decode step is
-four launches over the route plan (topk_router.RoutePlan: slots grouped by expert, on the device):
+four or five launches over the route plan (topk_router.RoutePlan: slots grouped by expert, on the device):
 
 - `_moe_prep_kernel`: x in the MMA order of 4-bit and 2-bit codes and x's group sums (what mma._x_mma_kernel
   writes for one weight), for the quantized experts' up projections.
-- `_moe_kernel` (UP): h[slot] = gelu(x[token] @ w1.T) for every routed slot, a program per (expert, N block).
+- `_moe_kernel` (UP): x[token] @ w1.T for every routed slot in fp32 partials per K split, a program per (expert,
+  N block, K split); `_moe_up_finish_kernel` sums them into h[slot] = gelu(.). With one split the kernel stores h.
 - `_moe_kernel` (down): y[slot] = h[slot] @ w2.T in fp32 partials per K split.
 - `_moe_combine_kernel`: out[t] = sum_j weights[t, j] * y[t * k + j].
+
+Why split K in the up projection too: an expert's up projection has only d_ff / BN row blocks, so with one or two
+experts routed too few programs run to fill the GPU and each streams its whole K alone; splits multiply them.
 
 A program of `_moe_kernel` reads its expert's slot range from the plan and returns at once when it is empty, so
 an unrouted expert's weights are never read, and the host never needs the counts (a CUDA graph captures the
@@ -132,8 +136,20 @@ if HAS_TRITON:
             tl.store(out_ptr + (pid_k.to(tl.int64) * S + slot64[None, :]) * N + rn[:, None], acc, mask=mask)
 
     @triton.jit
+    def _moe_out(acc, out_ptr, os_ptr, part_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+        """A program's result: h (UP in one split), else the fp32 partial of split pid_k, into part_ptr (UP: summed
+        and stored as h by _moe_up_finish_kernel) or out_ptr (down: summed by the combine)."""
+        if UP and SPLIT_K == 1:
+            _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, True, BITS, GROUP, BN, BM)
+        elif UP:
+            _moe_store(acc, part_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, False, BITS, GROUP, BN, BM)
+        else:
+            _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, False, BITS, GROUP, BN, BM)
+
+    @triton.jit
     def _moe_kernel(a_ptr, av4_ptr, av2_ptr, as_ptr, w_ptr, p4_ptr, s4_ptr, m4_ptr, p2_ptr, s2_ptr, m2_ptr,
-                    tab_ptr, off_ptr, ord_ptr, out_ptr, os_ptr, N, K, R, S, ROW_DIV, stride_a, E,
+                    tab_ptr, off_ptr, ord_ptr, out_ptr, os_ptr, part_ptr, N, K, R, S, ROW_DIV, stride_a, E,
                     UP: tl.constexpr, GROUP: tl.constexpr, HAS16: tl.constexpr, HAS4: tl.constexpr,
                     HAS2: tl.constexpr, BM: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -146,7 +162,7 @@ if HAS_TRITON:
         expert's precision code and place in its stack (w: 16-bit [E16, N, K]; p/s/m 4 and 2: stored tiles,
         scales, mins [Ep, ...]). The precision branch is per program, so one launch serves every precision;
         HAS16/4/2 compile out the absent ones. No loop around the branches: the compiler would hoist each
-        branch's tile addressing out of it, and the registers of all three would add up. Stored by _moe_store."""
+        branch's tile addressing out of it, and the registers of all three would add up. Stored by _moe_out."""
         chunks = tl.num_programs(0) // E
         e = tl.program_id(0) // chunks  # an expert's chunks side by side: the second finds the tile in L2
         pid_k = tl.program_id(2)
@@ -170,21 +186,57 @@ if HAS_TRITON:
             if prec == 0:
                 acc = _dense_acc(w_ptr + j * N * K, a_ptr, rn64, n_ok, rows64, m_ok, K, stride_a, k_lo, k_lo + k_per,
                                  BN, BM, BK, DOT_F32)
-                _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, 16, GROUP, BN, BM)
+                _moe_out(acc, out_ptr, os_ptr, part_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, SPLIT_K, 16, GROUP,
+                         BN, BM)
         if HAS4:
             if prec == 1:
                 words4 = tl.cdiv(N, _TILE) * NG * _TILE * (GROUP // 8)  # one expert's stored tiles
                 acc = _quant_acc(p4_ptr + j * words4, s4_ptr + j * NG * N, m4_ptr + j * NG * N, av4_ptr, as_ptr, rn64,
                                  n_ok, rows64, m_ok, N, K, R, k_lo // GROUP, (k_lo + k_per) // GROUP, 4, GROUP, BN, BM,
                                  ASM, DOT_F32)
-                _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, 4, GROUP, BN, BM)
+                _moe_out(acc, out_ptr, os_ptr, part_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, SPLIT_K, 4, GROUP,
+                         BN, BM)
         if HAS2:
             if prec == 2:
                 words2 = tl.cdiv(N, _TILE) * NG * _TILE * (GROUP // 16)
                 acc = _quant_acc(p2_ptr + j * words2, s2_ptr + j * NG * N, m2_ptr + j * NG * N, av2_ptr, as_ptr, rn64,
                                  n_ok, rows64, m_ok, N, K, R, k_lo // GROUP, (k_lo + k_per) // GROUP, 2, GROUP, BN, BM,
                                  ASM, DOT_F32)
-                _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, 2, GROUP, BN, BM)
+                _moe_out(acc, out_ptr, os_ptr, part_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP, SPLIT_K, 2, GROUP,
+                         BN, BM)
+
+    @triton.jit
+    def _moe_up_finish_kernel(part_ptr, tab_ptr, off_ptr, ord_ptr, h_ptr, hs_ptr, N, S, E, SPLIT_K: tl.constexpr,
+                              GROUP: tl.constexpr, HAS16: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr):
+        """h[slot] = gelu(sum of the up projection's SPLIT_K fp32 partials [SPLIT_K, S, N]) for the slots of
+        (expert, chunk) program 0 and N block program 1, in a fixed order; stored by _moe_store in the layout its
+        expert's down projection reads (BN whole groups). Programs of unrouted experts return at once."""
+        chunks = tl.num_programs(0) // E
+        e = tl.program_id(0) // chunks
+        m0 = tl.load(off_ptr + e) + (tl.program_id(0) % chunks) * BM
+        hi = tl.load(off_ptr + e + 1)
+        if m0 >= hi:
+            return
+        prec = tl.load(tab_ptr + e)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        i = m0 + tl.arange(0, BM)
+        m_ok = i < hi
+        slot64 = tl.load(ord_ptr + i, mask=m_ok, other=0).to(tl.int64)
+        tile = part_ptr + slot64[None, :] * N + rn[:, None]
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(tile + s * S * N, mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+        if HAS16:
+            if prec == 0:
+                _moe_store(acc, h_ptr, hs_ptr, rn, n_ok, slot64, m_ok, 0, N, S, True, 16, GROUP, BN, BM)
+        if HAS4:
+            if prec == 1:
+                _moe_store(acc, h_ptr, hs_ptr, rn, n_ok, slot64, m_ok, 0, N, S, True, 4, GROUP, BN, BM)
+        if HAS2:
+            if prec == 2:
+                _moe_store(acc, h_ptr, hs_ptr, rn, n_ok, slot64, m_ok, 0, N, S, True, 2, GROUP, BN, BM)
 
     @triton.jit
     def _moe_combine_kernel(yp_ptr, w_ptr, out_ptr, S, D, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -205,22 +257,26 @@ if HAS_TRITON:
     def _cfg(bn, bk, split, warps, stages):
         return triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
 
-    # A handful each, so a first run compiles quickly. BN = 128: whole groups for the up projection's group sums
-    # (_moe_store) and two 64-row MMAs a warpgroup. BK: 16-bit columns a K tile (the 4/2-bit branches step one
-    # group). The down projection's N (d_model) is the smaller, so it splits K to keep every SM streaming.
-    UP_CONFIGS = [_cfg(128, 64, 1, 4, 4), _cfg(128, 128, 1, 4, 3), _cfg(128, 64, 1, 8, 4), _cfg(256, 64, 1, 8, 3)]
+    # A handful each, so a first run compiles quickly. BN = 128: two 64-row MMAs a warpgroup. BK: 16-bit columns a
+    # K tile (the 4/2-bit branches step one group). Both projections split K: the up projection's N (d_ff) fills
+    # the GPU only when many experts are routed, the down projection's (d_model) is smaller still. The up
+    # projection's partials ([SPLIT_K, slots, d_ff] fp32, L2-sized at decode) cost little when every expert is
+    # routed, and the split stays good whatever the routing the tuner happened to see.
+    UP_CONFIGS = [_cfg(128, 64, 2, 4, 4), _cfg(64, 64, 4, 4, 4), _cfg(128, 64, 4, 4, 4), _cfg(128, 128, 2, 8, 3)]
     DOWN_CONFIGS = [_cfg(64, 128, 4, 4, 3), _cfg(128, 64, 4, 4, 4), _cfg(128, 128, 2, 8, 3), _cfg(64, 64, 8, 4, 4)]
     MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in DOWN_CONFIGS)
+    MAX_UP_SPLIT = max(c.kwargs["SPLIT_K"] for c in UP_CONFIGS)
+    FINISH_BN = 128  # _moe_up_finish_kernel's N block: whole groups (GROUP <= 128)
     # Triton's interpreter (CPU tests): small tiles, and a split where the shape has one
     INTERPRET_CONFIGS = [_cfg(64, 32, 2, 4, 1), _cfg(64, 32, 1, 4, 1)]
 
     def fits(c, args: dict) -> bool:
         """The kernel takes config c for these arguments: whole BK tiles (16-bit) and whole groups (4/2-bit) a
-        K split, BN whole groups in the up projection, no split there (GELU needs the whole sum)."""
+        K split; BN whole groups where the up projection stores h itself (one split: _moe_store's group sums)."""
         bn, bk, split = c.kwargs["BN"], c.kwargs["BK"], c.kwargs["SPLIT_K"]
         k, group = args["K"], args["GROUP"]
         quant = args["HAS4"] or args["HAS2"]
-        if args["UP"] and (split != 1 or (quant and bn % group)):
+        if args["UP"] and split == 1 and quant and bn % group:
             return False
         per = k // split
         return k % split == 0 and (not args["HAS16"] or (per % bk == 0 and bk <= k)) and (not quant or per % group == 0)

@@ -8,7 +8,7 @@ only the int2 ones, and one expert of each precision (top-1). Beside each, the s
 (the router, then for each expert the pattern reaches: F.linear or dequant_linear for both projections, and an
 index_add_ into the output), also captured, its experts fixed at capture as a host-side loop needs them. Rows:
 GPU time per step from graph replay, the bytes the step really reads (the reached experts' weights, plus x, h,
-the down projection's fp32 partials and the output), their rate as a share of the copy bandwidth, and each
+both projections' fp32 partials and the output), their rate as a share of the copy bandwidth, and each
 kernel's time in our step (torch.profiler).
 """
 from __future__ import annotations
@@ -96,8 +96,10 @@ def run_moe(rows: list, copy_gbs: float, quick: bool) -> None:
         ref = moe_decode_ref(x, w, plan, base)
         relerr = float((ours(base).float() - ref.float()).norm() / ref.float().norm())  # also tunes the kernels
         split = int(mk._moe_down_tuned.best_config.kwargs["SPLIT_K"])
+        up_split = int(mk._moe_up_tuned.best_config.kwargs["SPLIT_K"])
         s = T * k
-        io = 2 * T * D * 2 + 2 * s * FF * 2 + 2 * split * s * D * 4  # x and out, h, the fp32 partials
+        # x and out, h, the fp32 partials of both projections (written and read)
+        io = 2 * T * D * 2 + 2 * s * FF * 2 + 2 * split * s * D * 4 + (2 * up_split * s * FF * 4) * (up_split > 1)
         graph, calls = timing_graph(ours, layers[:copies])
         us = replay_us(graph, calls)
         parts = kernel_us_per_call(graph, calls)

@@ -218,10 +218,11 @@ def _as_dict(c) -> dict:
 def moe_decode_triton(x: torch.Tensor, weights: torch.Tensor, plan: RoutePlan, experts: GroupedExperts,
                       up_config: dict | None = None, down_config: dict | None = None) -> torch.Tensor:
     """The grouped kernels (_moe_kernels.py): x's MMA orders for the quantized experts, the up projections of
-    every routed expert in one launch, the down projections in one, the combine; no host sync (the plan stays
-    on the device). The plan is of top-k indices: a token's k experts are distinct, so an expert serves at most T
-    slots (the launch covers that many). Tiles autotuned on the first call per shape (make it eagerly, before a
-    CUDA graph capture), or `up_config` / `down_config` ({BN, BK, SPLIT_K[, num_warps, num_stages]})."""
+    every routed expert in one launch (and the sum of their K splits), the down projections in one, the combine;
+    no host sync (the plan stays on the device). The plan is of top-k indices: a token's k experts are distinct,
+    so an expert serves at most T slots (the launch covers that many). Tiles autotuned on the first call per
+    shape (make it eagerly, before a CUDA graph capture), or `up_config` / `down_config` ({BN, BK, SPLIT_K[,
+    num_warps, num_stages]})."""
     check_args(x, weights, plan, experts)
     if not kernel_supports(experts):
         raise ValueError(f"experts: the kernels take groups of whole 4-word blocks, <= 128 values, and d_model, "
@@ -251,14 +252,20 @@ def moe_decode_triton(x: torch.Tensor, weights: torch.Tensor, plan: RoutePlan, e
     h = torch.empty((s, f), dtype=x.dtype, device=dev)
     hs = torch.empty((f // g, s), dtype=torch.float32, device=dev) if quant else weights
     route = (experts.table, plan.offsets, plan.order)
-    _launch(mk._moe_up_tuned, (x, xv[4], xv[2], xs, *experts.kernel_args("up"), *route, h, hs, f, d, t, s, k,
-                               x.stride(0), n), dict(meta, UP=True), dict(N=f, K=d),
-            lambda c: (n * chunks, triton.cdiv(f, c["BN"]), 1), up_config)
+    grid = lambda c, size: (n * chunks, triton.cdiv(size, c["BN"]), c["SPLIT_K"])  # noqa: E731
+    hp = torch.empty((mk.MAX_UP_SPLIT if up_config is None else up_config["SPLIT_K"], s, f), dtype=torch.float32,
+                     device=dev)
+    split = _launch(mk._moe_up_tuned, (x, xv[4], xv[2], xs, *experts.kernel_args("up"), *route, h, hs, hp, f, d, t, s,
+                                       k, x.stride(0), n), dict(meta, UP=True), dict(N=f, K=d),
+                    lambda c: grid(c, f), up_config)
+    if split > 1:  # h = gelu(sum of the splits), stored as each expert's down projection reads it
+        mk._moe_up_finish_kernel[(n * chunks, triton.cdiv(f, mk.FINISH_BN))](
+            hp, *route, h, hs, f, s, n, SPLIT_K=split, GROUP=g, HAS16=has[16], HAS4=has[4], HAS2=has[2], BM=bm,
+            BN=mk.FINISH_BN)
     yp = torch.empty((mk.MAX_SPLIT if down_config is None else down_config["SPLIT_K"], s, d), dtype=torch.float32,
                      device=dev)
-    split = _launch(mk._moe_down_tuned, (h, h, h, hs, *experts.kernel_args("down"), *route, yp, yp, d, f, s, s, 1, f,
-                                         n), dict(meta, UP=False), dict(N=d, K=f),
-                    lambda c: (n * chunks, triton.cdiv(d, c["BN"]), c["SPLIT_K"]), down_config)
+    split = _launch(mk._moe_down_tuned, (h, h, h, hs, *experts.kernel_args("down"), *route, yp, yp, yp, d, f, s, s, 1,
+                                         f, n), dict(meta, UP=False), dict(N=d, K=f), lambda c: grid(c, d), down_config)
     mk._moe_combine_kernel[(t, triton.cdiv(d, mk.COMBINE_BLOCK))](yp, weights, out, s, d, TOPK=k, SPLIT_K=split,
                                                                    BLOCK=mk.COMBINE_BLOCK)
     return out

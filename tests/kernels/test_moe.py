@@ -62,14 +62,16 @@ def test_group_sizes_and_n_not_a_multiple_of_the_tile(group, d, f):
 
 
 @needs_kernel
-@pytest.mark.parametrize("down", [{"BN": 64, "BK": 32, "SPLIT_K": 2}, {"BN": 64, "BK": 64, "SPLIT_K": 1},
-                                  {"BN": 32, "BK": 16, "SPLIT_K": 4}])
-def test_fp16_and_down_splits(down):
+@pytest.mark.parametrize("up,down", [(1, {"BN": 64, "BK": 32, "SPLIT_K": 2}), (1, {"BN": 64, "BK": 64, "SPLIT_K": 1}),
+                                     (1, {"BN": 32, "BK": 16, "SPLIT_K": 4}), (2, {"BN": 64, "BK": 32, "SPLIT_K": 2}),
+                                     (4, {"BN": 64, "BK": 32, "SPLIT_K": 1})])
+def test_fp16_and_splits(up, down):
     """fp16 (rounded exactly by the interpreter): only accumulation order and the 4/2-bit magic cancellation
-    differ; the down projection's K splits are summed by the combine."""
-    experts = layer(MIXED, 64, 256, dtype=torch.float16)
-    x, w, plan = route(7, 6, 2, dtype=torch.float16)
-    out = moe_decode_triton(x, w, plan, experts, up_config={"BN": 64, "BK": 32, "SPLIT_K": 1}, down_config=down)
+    differ; the down projection's K splits are summed by the combine, the up projection's by the finish kernel
+    (d_model 256: four splits of one 64-group each)."""
+    experts = layer(MIXED, 256, 256, dtype=torch.float16)
+    x, w, plan = route(7, 6, 2, dtype=torch.float16, d=256)
+    out = moe_decode_triton(x, w, plan, experts, up_config={"BN": 64, "BK": 32, "SPLIT_K": up}, down_config=down)
     assert rel(out, moe_decode_ref(x, w, plan, experts)) < TOL[torch.float16]
 
 
@@ -116,6 +118,18 @@ def test_all_tokens_on_one_expert_in_chunks(expert):
     x, w, plan = route(40, 6, 1, seed=expert, allowed={expert})
     assert plan.counts[expert] == 40
     out = moe_decode_triton(x, w, plan, poisoned(experts, [e for e in range(6) if e != expert]))
+    assert out.isfinite().all() and rel(out, moe_decode_ref(x, w, plan, experts)) < TOL[x.dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("expert", [0, 1, 2])
+def test_up_splits_of_one_expert_leave_the_others_unread(expert):
+    """All tokens on one expert, the up projection in 4 K splits: the finish kernel's programs of the other
+    (NaN) experts return before reading, and the summed h matches the reference at each precision."""
+    experts = layer(MIXED, 256, 128, seed=expert)
+    x, w, plan = route(9, 6, 1, seed=expert, allowed={expert}, d=256)
+    out = moe_decode_triton(x, w, plan, poisoned(experts, [e for e in range(6) if e != expert]),
+                            up_config={"BN": 64, "BK": 64, "SPLIT_K": 4})
     assert out.isfinite().all() and rel(out, moe_decode_ref(x, w, plan, experts)) < TOL[x.dtype]
 
 
