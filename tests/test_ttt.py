@@ -59,6 +59,23 @@ def test_budget_policy_prediction_and_unknown_energy():
     assert mode == "full" and "power unknown" in reason
 
 
+def test_budget_policy_predicts_from_the_measured_step():
+    """A measured 80 ms full step (the cost model says 20 ms): the prediction takes it, with the energy scaled
+    the same (16 J: 200 W over 80 ms), and the decision follows; light keeps the cost model until measured;
+    nonsense measurements are ignored."""
+    p = policy()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        p.observe("full", bad)
+    p.observe("skip", 5.0)
+    assert p.predict("full", TOKENS, 0.0) == pytest.approx((200.0, 20.0)) and p.measured == {}
+    p.observe("full", 80.0)
+    extra_w, extra_ms = p.predict("full", TOKENS, 40.0)
+    assert extra_ms == 80.0 and extra_w == pytest.approx(16.0 / 0.080)
+    assert p.predict("light", TOKENS, 40.0) == pytest.approx((25.0, 5.0))
+    mode, reason = p.decide(sample(50.0), TOKENS, 40.0)  # full: 50 + 200 W fits, 40 + 80 ms > 100 ms; light fits
+    assert mode == "light" and "latency 40.0+80.0 ms > target" in reason
+
+
 def test_fixed_policies_and_bad_policy():
     assert policy("always").decide(sample(1000.0, 99.0), TOKENS, 500.0)[0] == "full"
     assert policy("never").decide(sample(10.0, 20.0), TOKENS, 1.0)[0] == "skip"
@@ -149,3 +166,37 @@ def test_light_step_on_the_moe_model(compose_cfg):
 def test_budget_policy_without_a_reading_skips():
     mode, reason = policy().decide(sample(float("nan"), float("nan")), TOKENS, 10.0)
     assert mode == "skip" and "no telemetry" in reason
+
+
+def test_time_step_leaves_the_model_and_optimizer_untouched():
+    """Timing a step (warm-up) runs its forward and backward but changes no weight and creates no optimizer
+    state; a mode with nothing to train times nothing."""
+    torch.manual_seed(0)
+    model = StandIn()
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    before = snapshot(model)
+    for mode in ("full", "light"):
+        seconds = trainer.time_step(batch(), mode)
+        assert seconds is not None and seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert trainer._optimizers == {} and all(p.grad is None for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert trainer.time_step(batch(), "full") is None
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_serving_ttt_step_teaches_the_policy_on_the_wall_clock_only(simulated):
+    """On a GPU's wall clock, the last warm-up batch times both modes for the policy and each step taken
+    replaces its mode's time; on the simulated clock nothing is measured (a run must not depend on the host)."""
+    from ttha.serving import StepClock, ttt_step
+    torch.manual_seed(0)
+    p, clock = policy(), StepClock()
+    trainer = TestTimeTrainer(StandIn(), OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    s = SimpleNamespace(device=torch.device("cuda"), policy=p, trainer=trainer)  # the device only gates measuring
+    mode, _ = ttt_step(s, SimpleNamespace(simulated=simulated), clock, batch(), sample(50.0), 0.0, True)
+    assert mode == "full"
+    if simulated:
+        assert p.measured == {}
+    else:
+        assert set(p.measured) == {"full", "light"} and p.measured["full"] == clock.span["ttt"] * 1000.0

@@ -33,9 +33,10 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> None:
     keys = ["eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
             "eval/p50_latency_ms", "eval/p99_latency_ms", "eval/max_temp_c", "eval/time_over_power_target_frac",
-            "eval/time_over_temp_target_frac",
-            "ttt/skip_frac", "overhead/telemetry_frac", "overhead/logging_frac", "overhead/ttha_update_frac",
-            "overhead/ttha_host_frac", "overhead/router_bias_frac"]
+            "eval/time_over_temp_target_frac", "ttt/skip_frac", "ttt/light_frac", "overhead/ttt_frac",
+            "overhead/telemetry_frac", "overhead/logging_frac", "overhead/ttha_update_frac", "overhead/ttha_host_frac",
+            "overhead/router_bias_frac"]
+    keys += sorted(k for k in summary if k.startswith("experts/mean_activated_"))  # decode: what the steps read
     width = max(len(k) for k in keys)
     lines = [f"TTHA run: experts={cfg.experts.name} router={cfg.router.name} telemetry={source} "
              f"stress={cfg.stress.kind} workload={cfg.workload.kind} ttt={cfg.ttt.policy}",

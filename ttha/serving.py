@@ -106,7 +106,7 @@ class StepClock:
     the run's overhead fractions (of the whole step's time)."""
 
     def __init__(self):
-        self.total = dict.fromkeys(("telemetry", "bias", "ttha", "ttha_exposed", "log", "step"), 0.0)
+        self.total = dict.fromkeys(("telemetry", "bias", "ttha", "ttha_exposed", "ttt", "log", "step"), 0.0)
         self.start()
 
     def start(self) -> None:
@@ -125,7 +125,7 @@ class StepClock:
     def count(self, exposed: bool) -> None:
         """Add this step to the totals; the adapter update only where it was exposed (see update_router)."""
         self.mark("step")
-        for name in ("telemetry", "bias", "ttha", "log", "step"):
+        for name in ("telemetry", "bias", "ttha", "ttt", "log", "step"):
             self.total[name] += self.span.get(name, 0.0)  # a decode replay with nothing to learn from has no ttha
         self.total["ttha_exposed"] += self.span.get("ttha", 0.0) if exposed else 0.0
 
@@ -152,6 +152,26 @@ def update_router(s: Serving, clock: StepClock, update: bool, sample, latency_ms
     with clock.timed("ttha"):
         terms = s.router.update_ttha(sample, latency_ms, task_loss) if update else {}
     return terms, queued is None or queued.query()
+
+
+def ttt_step(s: Serving, run_clock: RunClock, clock: StepClock, batch: torch.Tensor, sample, latency_ms: float,
+             last_warmup: bool) -> tuple[str, str]:
+    """The TTT policy's decision on batch [B, S+1] and its step: (mode, reason). On a GPU's wall clock the policy
+    learns what a step costs this model here: each mode is timed once at the end of warm-up (not applied; its
+    kernels are compiled and tuned there, where a first TTT step in the measured phase would stall serving for
+    seconds), then every step taken is."""
+    measure = s.device.type == "cuda" and not run_clock.simulated and s.policy.policy != "never"
+    if measure and last_warmup:
+        for mode in ("full", "light"):
+            seconds = s.trainer.time_step(batch, mode)
+            if seconds is not None:
+                s.policy.observe(mode, seconds * 1000.0)
+    mode, reason = s.policy.decide(sample, batch[:, 1:].numel(), latency_ms)
+    with clock.timed("ttt"):
+        s.trainer.step(batch, mode)
+    if measure and mode != "skip":
+        s.policy.observe(mode, clock.span["ttt"] * 1000.0)
+    return mode, reason
 
 
 def record(s: Serving, clock: StepClock, rows: list[dict], row: dict, sample, energy_j: float, usage,
@@ -205,9 +225,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         nll, n = _evaluate(s, batch, update)
         clock.mark("serve")
 
-        mode, reason = s.policy.decide(sample, tokens, latency_ms)
-        with clock.timed("ttt"):
-            s.trainer.step(batch, mode)
+        mode, reason = ttt_step(s, run_clock, clock, batch, sample, latency_ms, i == n_warm - 1)
         terms, exposed = update_router(s, clock, update, sample, latency_ms, nll / n)
 
         if s.device.type == "cuda":
@@ -259,6 +277,7 @@ def summarize(s: Serving, rows: list[dict], nll_sum: float, ntok: int, seconds: 
         "overhead/telemetry_frac": clock.fraction("telemetry"),
         "overhead/logging_frac": clock.fraction("log"),
         "overhead/ttha_update_frac": clock.fraction("ttha_exposed"),
+        "overhead/ttt_frac": clock.fraction("ttt"),
         "overhead/ttha_host_frac": clock.fraction("ttha"),
         "overhead/router_bias_frac": clock.fraction("bias"),
         "telemetry/read_errors": float(getattr(s.monitor, "error_count", 0)),

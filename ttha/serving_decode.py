@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ttha import data, pretrain, sim
 from ttha.decode import Decoder
-from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, summarize, update_router,
+from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, summarize, ttt_step, update_router,
                           usage_array)
 
 LOG_EVERY = 16  # steps a logged MLflow point averages by default: a decode run serves hundreds of steps a second
@@ -107,9 +107,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
             row = {}
             if p + n == S:  # the streams' sequences are done: train on them (or not) before the next ones
-                mode, reason = s.policy.decide(sample, B * S, latency_ms)
-                with clock.timed("ttt"):
-                    s.trainer.step(on_device, mode)
+                mode, reason = ttt_step(s, run_clock, clock, on_device, sample, latency_ms, i == n_warm - 1)
                 row = {"ttt/mode": TTT_CODE[mode], "ttt/reason": reason}
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)

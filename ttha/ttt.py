@@ -1,8 +1,9 @@
 """Test-time training (TTT): a policy that picks full / light / skip per batch, and the trainer.
 
 Policies (cfg.ttt.policy): always = full every batch; never = skip; budget = the predicted cost of a TTT
-step (KernelCostModel ops ttt_full / ttt_light at the batch's tokens) plus the current telemetry against
-the targets:
+step (KernelCostModel ops ttt_full / ttt_light at the batch's tokens; their latency replaced by this run's own
+measurement of the mode once there is one, observe(), and the energy scaled with it: the cost model's TTT ops
+were profiled on one model, a run may serve a larger one) plus the current telemetry against the targets:
     predicted extra power = energy of the TTT step / step time (max of the last step's latency and the
                             TTT step's own latency)
     full  if power + extra_full <= power target, temp < temp target, latency + ttt latency <= latency target
@@ -18,6 +19,7 @@ are Adam-scale and one optimizer state per mode persists across steps.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +43,21 @@ class TTTPolicy:
         for k, v in self.targets.items():
             if v <= 0:
                 raise ValueError(f"targets.{k}={v!r}: must be > 0")
+        self.measured: dict[str, float] = {}  # mode -> ms of this run's latest TTT step of that mode
+
+    def observe(self, mode: str, latency_ms: float) -> None:
+        """A TTT step of `mode` took latency_ms here (wall clock, GPU work included): later predictions use it."""
+        if mode in ("full", "light") and math.isfinite(latency_ms) and latency_ms > 0:
+            self.measured[mode] = float(latency_ms)
 
     def predict(self, mode: str, batch_tokens: int, latency_ms: float) -> tuple[float | None, float]:
-        """(extra power in W or None when energy is unknown, extra latency in ms) of a TTT step."""
+        """(extra power in W or None when energy is unknown, extra latency in ms) of a TTT step: the cost
+        model's, at this run's measured latency where there is one (its energy scaled by the same ratio)."""
         cost = self.cost_model.get_cost(f"ttt_{mode}", batch_tokens)
-        step_s = max(float(latency_ms), cost.latency_ms) / 1000.0
-        power = None if cost.energy_j is None else cost.energy_j / step_s
-        return power, cost.latency_ms
+        ms = self.measured.get(mode, cost.latency_ms)
+        step_s = max(float(latency_ms), ms) / 1000.0
+        power = None if cost.energy_j is None else cost.energy_j * ms / max(cost.latency_ms, 1e-9) / step_s
+        return power, ms
 
     def _fits(self, mode: str, sample, batch_tokens: int, latency_ms: float) -> tuple[bool, str]:
         t = self.targets
@@ -116,6 +126,24 @@ class TestTimeTrainer:
         if mode not in self._optimizers and self.params[mode]:
             self._optimizers[mode] = torch.optim.Adam(self.params[mode], lr=self.lr[mode])
         return self._optimizers.get(mode)
+
+    def time_step(self, batch: torch.Tensor, mode: str) -> float | None:
+        """Seconds of a `mode` step's forward and backward on batch [B, S+1], synchronised, its gradients
+        discarded (the model is not changed): compiles and tunes the step's kernels before a measured phase, and
+        gives the budget policy this model's cost here. None when the mode trains nothing."""
+        params = [p for p in self.params.get(mode, []) if p.requires_grad]
+        if not params:
+            return None
+        sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        with torch.enable_grad():
+            logits = self.model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, params)
+        sync()
+        del grads
+        return time.perf_counter() - t
 
     def step(self, batch: torch.Tensor, mode: str) -> float | None:
         """One optimizer step of next-byte CE on batch [B, S+1]; None for 'skip' (no work)."""
