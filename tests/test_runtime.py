@@ -7,19 +7,22 @@ import time
 import pytest
 import torch
 
-from ttha.runtime import install_signal_handlers, limit_host_threads
+from ttha.runtime import GIL_SWITCH_S, install_signal_handlers, limit_host_threads
 
 
 def test_gpu_runs_do_host_math_on_one_thread_cpu_runs_keep_the_pool():
-    before = torch.get_num_threads()
+    """A GPU run: one torch thread and a GIL handed round within GIL_SWITCH_S; a CPU run keeps both."""
+    before, switch = torch.get_num_threads(), sys.getswitchinterval()
     try:
         torch.set_num_threads(2)
+        sys.setswitchinterval(0.005)
         limit_host_threads(torch.device("cpu"))
-        assert torch.get_num_threads() == 2  # the model runs on the CPU: its threads stay
+        assert torch.get_num_threads() == 2 and sys.getswitchinterval() == 0.005  # the model runs on the CPU
         limit_host_threads(torch.device("cuda", 0))
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and sys.getswitchinterval() == pytest.approx(GIL_SWITCH_S)
     finally:
         torch.set_num_threads(before)
+        sys.setswitchinterval(switch)
 
 
 def test_install_signal_handlers_keeps_a_user_handler():

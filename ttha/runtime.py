@@ -53,12 +53,20 @@ def set_kernel_backend(choice: str) -> str:
     return choice
 
 
+GIL_SWITCH_S = 2e-4  # a GPU run's GIL switch interval (Python's default: 5 ms)
+
+
 def limit_host_threads(device: torch.device) -> None:
     """On a GPU run the host's torch work is the router's per-step math on tensors of a few thousand
     elements: one thread. A pool of one per core only adds wake-ups, and stalls when another process takes
-    cores (a stressor, say). CPU runs keep torch's default: the model itself runs there."""
+    cores (a stressor, say). CPU runs keep torch's default: the model itself runs there.
+
+    A GPU run also hands the GIL round sooner: the MLflow flush thread runs Python beside the serving loop, and
+    each time the loop lets the GIL go (a CUDA sync, a BLAS call, a sleep) it waited up to the 5 ms default
+    switch interval to get it back, a stall per release in a loop whose steps take a fraction of that."""
     if device.type == "cuda":
         torch.set_num_threads(1)
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
 
 
 class Interrupted(KeyboardInterrupt):
