@@ -138,12 +138,15 @@ class TestTimeTrainer:
         sync()
         t = time.perf_counter()
         with torch.enable_grad():
-            logits = self.model(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(self._loss(batch), params)
         sync()
         del grads
         return time.perf_counter() - t
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-byte cross-entropy of batch [B, S+1]."""
+        logits = self.model(batch[:, :-1])
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     def step(self, batch: torch.Tensor, mode: str) -> float | None:
         """One optimizer step of next-byte CE on batch [B, S+1]; None for 'skip' (no work)."""
@@ -154,14 +157,12 @@ class TestTimeTrainer:
         opt = self._optimizer(mode)
         if opt is None:
             return None
-        x, y = batch[:, :-1], batch[:, 1:]
         params = [p for p in self.params[mode] if p.requires_grad]
         if not params:
             return None
         opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss = self._loss(batch)
             # gradients only for this mode's parameters: a light step skips the weight gradients
             loss.backward(inputs=params)
         opt.step()
