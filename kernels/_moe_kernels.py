@@ -138,14 +138,12 @@ if HAS_TRITON:
     @triton.jit
     def _moe_out(acc, out_ptr, os_ptr, part_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, UP: tl.constexpr,
                  SPLIT_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-        """A program's result: h (UP in one split), else the fp32 partial of split pid_k, into part_ptr (UP: summed
-        and stored as h by _moe_up_finish_kernel) or out_ptr (down: summed by the combine)."""
+        """A program's result: h into out_ptr (UP in one split), else the fp32 partial of split pid_k into
+        part_ptr (UP: summed and stored as h by _moe_up_finish_kernel; down: summed by the combine)."""
         if UP and SPLIT_K == 1:
             _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, True, BITS, GROUP, BN, BM)
-        elif UP:
-            _moe_store(acc, part_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, False, BITS, GROUP, BN, BM)
         else:
-            _moe_store(acc, out_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, False, BITS, GROUP, BN, BM)
+            _moe_store(acc, part_ptr, os_ptr, rn, n_ok, slot64, m_ok, pid_k, N, S, False, BITS, GROUP, BN, BM)
 
     @triton.jit
     def _moe_kernel(a_ptr, av4_ptr, av2_ptr, as_ptr, w_ptr, p4_ptr, s4_ptr, m4_ptr, p2_ptr, s2_ptr, m2_ptr,
