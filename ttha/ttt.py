@@ -131,7 +131,7 @@ class TestTimeTrainer:
         """Seconds of a `mode` step's forward and backward on batch [B, S+1], synchronised, its gradients
         discarded (the model is not changed): compiles and tunes the step's kernels before a measured phase, and
         gives the budget policy this model's cost here. None when the mode trains nothing."""
-        params = [p for p in self.params.get(mode, []) if p.requires_grad]
+        params = self._trainable(mode)
         if not params:
             return None
         sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
@@ -142,6 +142,9 @@ class TestTimeTrainer:
         sync()
         del grads
         return time.perf_counter() - t
+
+    def _trainable(self, mode: str) -> list[nn.Parameter]:
+        return [p for p in self.params.get(mode, []) if p.requires_grad]
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-byte cross-entropy of batch [B, S+1]."""
@@ -157,7 +160,7 @@ class TestTimeTrainer:
         opt = self._optimizer(mode)
         if opt is None:
             return None
-        params = [p for p in self.params[mode] if p.requires_grad]
+        params = self._trainable(mode)
         if not params:
             return None
         opt.zero_grad(set_to_none=True)
