@@ -186,11 +186,17 @@ def test_decode_cost_without_a_decode_table_answers_from_the_per_expert_op():
 
 
 def test_files_without_a_decode_section_still_load_and_answer_decode_costs():
-    for path in (costs.DEFAULT_PATH, costs.ESTIMATE_PATH):  # the measured H100 file is schema 1
-        m = KernelCostModel.load(path)
-        assert not any(m.has_decode_table(b) for b in (16, 4, 2))
-        assert m.decode_cost(2, 4) == m.get_cost(expert_op(2), 4) and m.decode_cost(2, 0) == Cost(0.0, 0.0)
-    assert json.loads(costs.DEFAULT_PATH.read_text())["schema_version"] == 1
+    m = KernelCostModel.load(costs.ESTIMATE_PATH)  # the roofline estimate has per-expert ops only
+    assert not any(m.has_decode_table(b) for b in (16, 4, 2))
+    assert m.decode_cost(2, 4) == m.get_cost(expert_op(2), 4) and m.decode_cost(2, 0) == Cost(0.0, 0.0)
+
+
+def test_the_shipped_h100_file_has_a_measured_decode_table_where_fewer_bits_cost_less_energy():
+    m = KernelCostModel.load(costs.DEFAULT_PATH)
+    assert not m.estimated and all(m.has_decode_table(b) for b in (16, 4, 2))
+    assert json.loads(costs.DEFAULT_PATH.read_text())["decode"]["shape"]["model"] == "decode"
+    energy = [m.decode_cost(b, 1).energy_j for b in (16, 4, 2)]  # an expert's weights read once
+    assert energy[0] > energy[1] > energy[2] > 0 and m.decode_cost(16, 0) == Cost(0.0, 0.0)
 
 
 def test_decode_op_names():
