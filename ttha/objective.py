@@ -42,7 +42,8 @@ def activation_np(p: np.ndarray, draws: int = 1) -> tuple[np.ndarray, np.ndarray
     """(P(e activated) [..., E], d P / d p [..., T, E]) for routing probabilities p [..., T, E]."""
     k = int(draws)
     p = np.clip(p, 0.0, 1.0)
-    activated = -np.expm1(k * np.log1p(-p).sum(-2))
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf: an expert some token surely takes is surely activated
+        activated = -np.expm1(k * np.log1p(-p).sum(-2))
     one_minus = 1.0 - p
     others = _idle_excluding_each(one_minus ** k, p.ndim - 2)
     return activated, k * one_minus ** (k - 1) * others
