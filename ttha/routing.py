@@ -1,5 +1,5 @@
-"""Hardware-adaptive MoE routing: AdaptiveRouter, ExpertLoadBalancer and the TTHA loss (the adapter: adapter.py;
-the expected-activation cost and the quality guard: objective.py).
+"""Hardware-adaptive MoE routing: AdaptiveRouter and the TTHA loss (the adapter: adapter.py; the load balance:
+balance.py; the expected-activation cost and the quality guard: objective.py).
 
 The router plugs into MoELM.set_router: (gate logits [T, E] fp32, layer) -> (weights [T, k], indices [T, k])
 = top-k of softmax(logits + bias), renormalised; a decode step records its gate logits with record_decode.
@@ -32,6 +32,7 @@ import torch
 
 from ttha import kernels
 from ttha.adapter import COST_FEATURES, HW_FEATURES, HostAdam, TTHAAdapter
+from ttha.balance import ExpertLoadBalancer
 from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import softmax_topk
@@ -53,39 +54,6 @@ def _reading(value) -> float:
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch path: top-k of softmax(logits + bias) renormalised over the k chosen. Differentiable."""
     return softmax_topk(logits if bias is None else logits + bias, k)
-
-
-class ExpertLoadBalancer:
-    """EMA of the per-expert share of routed tokens. balance_score = normalised entropy of the EMA:
-    1 for uniform load, 0 when one expert takes everything. numpy: a few values a step, where torch's
-    per-op overhead would outweigh the arithmetic."""
-
-    def __init__(self, n_experts: int, alpha: float = 0.1):
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"balancer_alpha={alpha!r}: must be in (0, 1]")
-        self.n_experts, self.alpha = n_experts, float(alpha)
-        self.ema = np.full(n_experts, 1.0 / n_experts)
-        self.updates = 0
-
-    def update(self, shares) -> None:
-        shares = np.asarray(shares.detach().cpu() if torch.is_tensor(shares) else shares, dtype=np.float64).ravel()
-        if shares.size != self.n_experts:
-            raise ValueError(f"shares: expected {self.n_experts} values, got {shares.size}")
-        total = float(shares.sum())
-        if total <= 0:
-            return
-        shares = shares / total
-        # the first observation replaces the uniform prior instead of being smoothed into it
-        self.ema = shares.copy() if self.updates == 0 else (1 - self.alpha) * self.ema + self.alpha * shares
-        self.updates += 1
-
-    @property
-    def balance_score(self) -> float:
-        if self.n_experts == 1:
-            return 1.0
-        p = np.maximum(self.ema, 0.0)
-        entropy = -float((p * np.log(np.maximum(p, 1e-12))).sum())
-        return max(0.0, min(1.0, entropy / math.log(self.n_experts)))
 
 
 class AdaptiveRouter:
@@ -132,6 +100,7 @@ class AdaptiveRouter:
             self.optimizer = HostAdam(self.adapter.parameters(), float(option(router_cfg, "lr", 0.05)))
             self._adapter_params = list(self.adapter.parameters())
         self._bias: torch.Tensor | None = None
+        self._bias_np: np.ndarray | None = None  # its host copy, for the records
         self._zero_bias: torch.Tensor | None = None  # the static router's bias on the kernel path
         self._logits: dict[int, torch.Tensor] = {}
         self._counts = torch.zeros(self.n_experts, dtype=torch.long, device=self.device)
@@ -223,12 +192,13 @@ class AdaptiveRouter:
         self._logits, self._usage, self._staged_counts = {}, None, None
         self._counts.zero_()
         if not self.adaptive:
-            self._bias = None
+            self._bias, self._bias_np = None, None
             return
         if self._staged_probs is not None:  # a staged record not yet learned from is the newest gate record
             self._gate_q = (self._staged_probs[0].numpy(), self._staged_probs[1])
         self._alpha, raw, _, _ = self._step_bias(sample, latency_ms, self._gate_q)
-        bias = torch.from_numpy((self._alpha * raw).astype(np.float32))
+        self._bias_np = (self._alpha * raw).astype(np.float32)
+        bias = torch.from_numpy(self._bias_np)
         # from pinned memory, queued: a synchronous copy waits for the GPU, which another process (the
         # stressor) may hold for a time slice
         self._bias = bias.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else bias
@@ -305,6 +275,14 @@ class AdaptiveRouter:
     def bias(self) -> torch.Tensor:
         """Per-expert bias applied in this step, on the CPU (zeros for the static router)."""
         return torch.zeros(self.n_experts) if self._bias is None else self._bias.detach().cpu().clone()
+
+    def bias_columns(self) -> dict[str, float]:
+        """This step's applied bias per expert and the guard's scale, as record columns (from the host copy: no
+        device sync); none for the static router."""
+        if self._bias_np is None:
+            return {}
+        return {"router/guard_scale": float(self._alpha), **{f"router/bias_{e}": float(b) for e, b in
+                                                             enumerate(self._bias_np)}}
 
     @property
     def device_bias(self) -> torch.Tensor | None:
