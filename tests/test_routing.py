@@ -82,6 +82,18 @@ def test_static_router_has_no_bias_and_routes_like_the_gate():
     assert torch.equal(idx, idx_ref) and torch.allclose(w, w_ref)
     terms = r.update_ttha(sample(power_w=900.0), 10.0, 1.5)  # terms are computed, nothing learns
     assert terms["power"] > 0 and torch.equal(r.bias, torch.zeros(E))
+    assert r.bias_columns() == {}  # no router/bias_* columns in its records
+
+
+def test_bias_columns_are_the_applied_bias_and_the_guards_scale():
+    r = make_router(cost_bias_scale=1.0, max_drift=1e-6, decode=True)
+    serve_step(r, sample(power_w=900.0), seed=1)  # the first step has no gate record: the guard routes as the gate
+    r.update_ttha(sample(power_w=900.0), 10.0, 1.5)
+    serve_step(r, sample(power_w=900.0), seed=2)
+    cols = r.bias_columns()
+    assert 0.0 < cols["router/guard_scale"] == r.guard_scale < 1.0  # far over target: the guard binds
+    assert [cols[f"router/bias_{e}"] for e in range(E)] == pytest.approx(r.bias.tolist(), abs=0.0)
+    assert cols["router/bias_0"] < cols["router/bias_2"]  # a 16-bit expert is pushed harder than an int2 one
 
 
 def test_usage_counts_each_layer_once_per_step():

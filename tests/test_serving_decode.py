@@ -72,8 +72,9 @@ def test_decode_trains_at_each_sequence_end_and_ttha_reads_fewer_16bit_experts(t
         rows = steps_csv(client, run, tmp_path / name)
         got[name] = {k: v for k, v in run.data.metrics.items() if not k.startswith(("overhead/", "pretrain/"))
                      and k != "eval/wall_tokens_per_s"}, rows
-    (static, rows), (ttha, _), (again, _) = got["static"], got["ttha"], got["again"]
+    (static, rows), (ttha, ttha_rows), (again, _) = got["static"], got["ttha"], got["again"]
     assert again == ttha  # the simulated clock: the same seed, the same metrics
+    assert "router/bias_0" not in rows[0] and {"router/bias_5", "router/guard_scale"} <= set(ttha_rows[0])
     decided = [r for r in rows if r["ttt/mode"] != ""]
     assert [int(r["step"]) for r in decided] == [64 * i + 63 for i in range(12)]
     assert {r["ttt/mode"] for r in decided} == {"2"}  # ttt=always: full at every sequence end

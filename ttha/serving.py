@@ -180,7 +180,8 @@ def record(s: Serving, clock: StepClock, rows: list[dict], row: dict, sample, en
     terms), keeps it for steps.csv and the plots, and hands its numbers to the tracker (which batches them)."""
     row.update({"telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
                 "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
-                "telemetry/energy_j": energy_j, "router/balance_score": s.router.balance_score})
+                "telemetry/energy_j": energy_j, "router/balance_score": s.router.balance_score,
+                **s.router.bias_columns()})
     row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
     row.update({f"loss/{k}": float(v) for k, v in terms.items()})
     rows.append(row)
