@@ -61,3 +61,9 @@ def test_smoke_sweep_runs_end_to_end_and_resumes(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(optuna.load_study(study_name="smoke", storage=storage).trials) == 2
+
+
+def test_the_decode_tradeoff_sweep_serves_ttha_in_decode_over_a_preset(compose_cfg):
+    cfg = compose_cfg("experiment=decode_h200", "sweep=decode_tradeoff", hydra=True)
+    assert (cfg.router.name, cfg.workload.kind, cfg.model.name) == ("ttha", "decode", "decode")
+    assert set(cfg.hydra.sweeper.params) == {"router.max_drift", "objective.power_weight", "targets.power_w"}
