@@ -274,7 +274,7 @@ class AdaptiveRouter:
     @property
     def bias(self) -> torch.Tensor:
         """Per-expert bias applied in this step, on the CPU (zeros for the static router)."""
-        return torch.zeros(self.n_experts) if self._bias is None else self._bias.detach().cpu().clone()
+        return torch.zeros(self.n_experts) if self._bias_np is None else torch.from_numpy(self._bias_np.copy())
 
     def bias_columns(self) -> dict[str, float]:
         """This step's applied bias per expert and the guard's scale, as record columns (from the host copy: no
