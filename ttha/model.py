@@ -27,6 +27,12 @@ def softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return weights / weights.sum(-1, keepdim=True), indices
 
 
+def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [..., vocab] against the next bytes [...], in fp32 (bf16 logits round off the
+    small probabilities the loss is made of)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
 class SimpleExpert(nn.Module):
     """16-bit FFN expert: w2 · gelu(w1 · x)."""
 

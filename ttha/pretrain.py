@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ttha import cache, data
 from ttha.config import ConfigError
-from ttha.model import MoELM
+from ttha.model import MoELM, next_byte_loss
 from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,7 @@ def evaluate(model: MoELM, stream: torch.Tensor, batch_size: int, seq_len: int, 
         batch = batch.to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch[:, :-1])
-        nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                     reduction="sum"))
+        nll += float(next_byte_loss(logits, batch[:, 1:], reduction="sum"))
         n += batch[:, 1:].numel()
     return math.exp(nll / n)
 
@@ -101,7 +99,7 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
         batch = data.random_batch(corpus.train, int(p.batch_size), int(p.seq_len), gen).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss = next_byte_loss(logits, batch[:, 1:])
         total = loss + float(p.aux_loss_weight) * model.aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()

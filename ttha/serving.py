@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -138,7 +137,7 @@ def _evaluate(s: Serving, batch: torch.Tensor, update: bool) -> tuple[float, int
     x, y = batch[:, :-1], batch[:, 1:]
     with torch.no_grad():
         logits = s.model(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        nll = model_mod.next_byte_loss(logits, y, reduction="sum")
     s.router.stage(for_update=update)  # host copies complete with the loss read below: one sync a step
     return float(nll), y.numel()
 

@@ -22,11 +22,11 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ttha.config import option
 from ttha.costs import KernelCostModel
+from ttha.model import next_byte_loss
 
 MODES = ("full", "light", "skip")
 POLICIES = ("always", "never", "budget")
@@ -148,8 +148,7 @@ class TestTimeTrainer:
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-byte cross-entropy of batch [B, S+1]."""
-        logits = self.model(batch[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return next_byte_loss(self.model(batch[:, :-1]), batch[:, 1:])
 
     def step(self, batch: torch.Tensor, mode: str) -> float | None:
         """One optimizer step of next-byte CE on batch [B, S+1]; None for 'skip' (no work)."""
