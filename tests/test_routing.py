@@ -157,10 +157,28 @@ def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
     r = make_router(cost_bias_scale=1.0, max_drift=None)  # the cost bias alone, unguarded
     r.begin_step(sample(power_w=250.0), 10.0)
     assert torch.equal(r.bias, torch.zeros(E))  # under target, neutral adapter
-    r.begin_step(sample(power_w=450.0), 10.0)  # 50 % over: bias = -0.5 * normalised energy
-    assert torch.allclose(r.bias, -0.5 * r.cost_features[:, 1])
+    r.begin_step(sample(power_w=450.0), 10.0)  # 50 % over: bias = -0.5 * normalised energy, centred
+    energy = r.cost_features[:, 1]
+    assert torch.allclose(r.bias, -0.5 * (energy - energy.mean()))
     r.begin_step(sample(power_w=300.0 * 40), 10.0)
     assert float(r.bias.min()) == pytest.approx(-r.max_bias)
+
+
+def test_a_shift_common_to_every_expert_never_reaches_the_clamp_or_the_routing():
+    """Softmax and top-k ignore a common shift, so its gradient is zero and Adam drifts it freely: uncentred,
+    it carried every expert onto the clamp on the GPU, where routing was static and the adapter stopped."""
+    r = make_router(cost_bias_scale=1.0, max_drift=None)
+    hot = sample(power_w=450.0)
+    serve_step(r, hot)
+    r.update_ttha(hot, 10.0, 2.0)
+    r.begin_step(hot, 10.0)
+    reference = r.bias.clone()
+    with torch.no_grad():
+        r.adapter.net[-1].bias += 100.0  # far past max_bias, for every expert alike
+    r.begin_step(hot, 10.0)
+    assert torch.allclose(r.bias, reference, atol=1e-5)
+    assert float(r.bias.abs().max()) < r.max_bias
+    assert float(r.bias.sum()) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_dynamic_thermal_weight_raises_the_thermal_term_above_threshold():

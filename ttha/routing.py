@@ -5,17 +5,19 @@ The router plugs into MoELM.set_router: (gate logits [T, E] fp32, layer) -> (wei
 = top-k of softmax(logits + bias), renormalised; a decode step records its gate logits with record_decode.
 For router.name == 'ttha' the bias is
 
-    alpha x clamp(adapter bias + cost bias)
+    alpha x clamp(center(adapter bias + cost bias))
     adapter bias   TTHAAdapter(cost features [E, C], hardware features [H]) -> [E], learned online
     cost bias      -cost_bias_scale * (s_power * energy_e + s_temp * energy_e + s_latency * latency_e)
     alpha          the quality guard: the largest scale in [0, 1] that keeps the mean KL(gate || routed) of
                    the last recorded gate probabilities within router.max_drift
 
-where s_x = max(0, reading / target - 1) (how far a reading is over its target) and energy_e, latency_e
-are the expert's costs from the KernelCostModel, normalised by the most expensive expert: per token for the
-batch workloads, per activation (one read of its weights) in decode, where the cost bias is further scaled by
-how likely the expert is to be idle in the step (waking an idle expert costs its read, adding a token to one
-that is read anyway costs about nothing). The static router adds no bias.
+center() subtracts the mean over experts: routing is blind to a shift common to every expert (softmax and
+top-k), so without it the adapter's common mode drifts freely under Adam until every expert sits on the clamp,
+where routing is static and no gradient passes. s_x = max(0, reading / target - 1) (how far a reading is over
+its target) and energy_e, latency_e are the expert's costs from the KernelCostModel, normalised by the most
+expensive expert: per token for the batch workloads, per activation (one read of its weights) in decode, where
+the cost bias is further scaled by how likely the expert is to be idle in the step (waking an idle expert costs
+its read, adding a token to one that is read anyway costs about nothing). The static router adds no bias.
 
 The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls:
 each hardware term is (a constant over-target factor) x (expected cost under the soft routing: per-token
@@ -169,7 +171,7 @@ class AdaptiveRouter:
         if self.adaptive:
             adapter_bias, saved = self.adapter.forward_np(self._cost_np, self._hw_np(sample, latency_ms))
             bias = bias + adapter_bias
-        return np.clip(bias, -self.max_bias, self.max_bias), saved
+        return np.clip(bias - bias.mean(), -self.max_bias, self.max_bias), saved
 
     def _step_bias(self, sample, latency_ms: float, gate: tuple | None):
         """(guard scale alpha, clamped bias before the guard [E], the adapter's saved forward, decode idle
@@ -351,7 +353,7 @@ class AdaptiveRouter:
         bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
             bias = bias + self.adapter(self.cost_features, torch.from_numpy(self._hw_np(sample, latency_ms)))
-        bias = bias.clamp(-self.max_bias, self.max_bias)
+        bias = (bias - bias.mean()).clamp(-self.max_bias, self.max_bias)
         hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
                                   self._term_weights(sample, latency_ms), self.obj["task_weight"],
                                   layers if self.decode else None, self.top_k)
@@ -369,7 +371,8 @@ class AdaptiveRouter:
                                                self._term_weights(sample, latency_ms), self.obj["task_weight"],
                                                layers if self.decode else None, self.top_k)
         if self.adaptive:
-            grad = (grad * (np.abs(raw) < self.max_bias)).astype(np.float32)  # none through the clamp
+            grad = grad * (np.abs(raw) < self.max_bias)  # none through the clamp
+            grad = (grad - grad.mean()).astype(np.float32)  # through the centering
             grads = self.adapter.grads_np(saved, grad)
             for param, g in zip(self._adapter_params, grads):  # inspectable, as after backward()
                 param.grad = torch.from_numpy(g)
