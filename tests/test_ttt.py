@@ -8,7 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ttha import kernels
 from ttha.costs import KernelCostModel
+from ttha.kernels import _backend
+from ttha.model import QuantizedExpert, SimpleExpert
 from ttha.ttt import TestTimeTrainer, TTTPolicy, light_parameters
 
 TARGETS = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
@@ -200,3 +203,25 @@ def test_serving_ttt_step_teaches_the_policy_on_the_wall_clock_only(simulated):
         assert p.measured == {}
     else:
         assert set(p.measured) == {"full", "light"} and p.measured["full"] == clock.span["ttt"] * 1000.0
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON or not (torch.cuda.is_available() or _backend.interpreting()),
+                    reason="needs triton on CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_kernel_path_backpropagates_through_a_quantized_expert_like_the_reference(bits):
+    """TTT trains the layers below a quantized expert: the Triton kernel's output must carry x's gradient, the
+    same as the torch reference's (which dequantizes and multiplies in autograd)."""
+    torch.manual_seed(0)
+    expert = QuantizedExpert.from_dense(SimpleExpert(64, 128).to(torch.bfloat16), bits, 32)
+    x0, g = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)
+    grads = {}
+    try:
+        for backend in ("torch", "triton"):
+            kernels.set_backend(backend)
+            x = x0.clone().requires_grad_()
+            (expert(x).float() * g.float()).sum().backward()
+            grads[backend] = x.grad.float()
+    finally:
+        kernels.set_backend("auto")
+    assert grads["triton"].abs().max() > 0
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0.03, atol=0.03 * grads["torch"].abs().max())
