@@ -188,6 +188,22 @@ def test_time_step_leaves_the_model_and_optimizer_untouched():
     assert trainer.time_step(batch(), "full") is None
 
 
+def test_time_step_times_the_step_not_its_first_compile(monkeypatch):
+    """The first forward of a mode compiles and tunes its kernels (seconds on a GPU): the policy must learn what
+    a step costs, not what the first one did. A fake clock: the first forward takes 10 s, later ones 10 ms."""
+    clock, forwards = [0.0], []
+
+    class Compiling(StandIn):
+        def forward(self, idx):
+            clock[0] += 10.0 if not forwards else 0.01
+            forwards.append(1)
+            return super().forward(idx)
+
+    monkeypatch.setattr("ttha.ttt.time.perf_counter", lambda: clock[0])
+    trainer = TestTimeTrainer(Compiling(), OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    assert trainer.time_step(batch(), "full") == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("simulated", [False, True])
 def test_serving_ttt_step_teaches_the_policy_on_the_wall_clock_only(simulated):
     """On a GPU's wall clock, the last warm-up batch times both modes for the policy and each step taken

@@ -156,7 +156,7 @@ def update_router(s: Serving, clock: StepClock, update: bool, sample, latency_ms
 def ttt_step(s: Serving, run_clock: RunClock, clock: StepClock, batch: torch.Tensor, sample, latency_ms: float,
              last_warmup: bool) -> tuple[str, str]:
     """The TTT policy's decision on batch [B, S+1] and its step: (mode, reason). On a GPU's wall clock the policy
-    learns what a step costs this model here: each mode is timed once at the end of warm-up (not applied; its
+    learns what a step costs this model here: each mode is timed at the end of warm-up (not applied; its
     kernels are compiled and tuned there, where a first TTT step in the measured phase would stall serving for
     seconds), then every step taken is."""
     measure = s.device.type == "cuda" and not run_clock.simulated and s.policy.policy != "never"

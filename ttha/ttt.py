@@ -130,17 +130,20 @@ class TestTimeTrainer:
     def time_step(self, batch: torch.Tensor, mode: str) -> float | None:
         """Seconds of a `mode` step's forward and backward on batch [B, S+1], synchronised, its gradients
         discarded (the model is not changed): compiles and tunes the step's kernels before a measured phase, and
-        gives the budget policy this model's cost here. None when the mode trains nothing."""
+        gives the budget policy this model's cost here. The step runs twice and the second is timed: the first
+        pays the one-time compiling and tuning, which made a step look many times dearer than it is. None when
+        the mode trains nothing."""
         params = self._trainable(mode)
         if not params:
             return None
         sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        with torch.enable_grad():
-            grads = torch.autograd.grad(self._loss(batch), params)
-        sync()
-        del grads
+        for _ in range(2):
+            sync()
+            t = time.perf_counter()
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self._loss(batch), params)
+            sync()
+            del grads
         return time.perf_counter() - t
 
     def _trainable(self, mode: str) -> list[nn.Parameter]:
