@@ -225,8 +225,8 @@ def test_serving_ttt_step_teaches_the_policy_on_the_wall_clock_only(simulated):
                     reason="needs triton on CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("bits", [4, 2])
 def test_the_kernel_path_backpropagates_through_a_quantized_expert_like_the_reference(bits):
-    """TTT trains the layers below a quantized expert: the Triton kernel's output must carry x's gradient, the
-    same as the torch reference's (which dequantizes and multiplies in autograd)."""
+    """TTT trains the layers below a quantized expert: with the Triton backend its output must carry x's
+    gradient, the same as the torch reference's (the kernel writes outside autograd)."""
     torch.manual_seed(0)
     expert = QuantizedExpert.from_dense(SimpleExpert(64, 128).to(torch.bfloat16), bits, 32)
     x0, g = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)

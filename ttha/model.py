@@ -57,22 +57,8 @@ def _cpu_cached(module: nn.Module, name: str, dtype: torch.dtype, make) -> torch
     return cache[(name, dtype)]
 
 
-class _DequantLinear(torch.autograd.Function):
-    """kernels.dequant_linear with the gradient for x: the Triton kernel writes its output outside autograd, so
-    without this the layers below a quantized expert would get no gradient from it. The codes are not trained."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, qw: quant.QuantizedWeight) -> torch.Tensor:
-        ctx.qw = qw
-        return kernels.dequant_linear(x, qw)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ quant.dequantize(ctx.qw, grad.dtype), None
-
-
 class QuantizedExpert(nn.Module):
-    """Group-wise 4/2-bit expert, dequantized on the fly: the fused Triton kernel on CUDA,
+    """Group-wise 4/2-bit expert, dequantized on the fly: the fused Triton kernel on CUDA outside autograd,
     else the torch reference (dequantize, then F.linear)."""
 
     def __init__(self, q1: quant.QuantizedWeight, q2: quant.QuantizedWeight):
@@ -96,9 +82,9 @@ class QuantizedExpert(nn.Module):
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         qw = self.qweight(name)
-        if kernels.use_triton(x):
-            if x.requires_grad and torch.is_grad_enabled():  # test-time training backpropagates through the expert
-                return _DequantLinear.apply(x, qw)
+        # Test-time training backpropagates through the expert: the Triton kernel writes outside autograd (and
+        # tunes itself on its first eager call at each new token count), so autograd's path dequantizes.
+        if kernels.use_triton(x) and not (x.requires_grad and torch.is_grad_enabled()):
             return kernels.dequant_linear(x, qw)
         if x.device.type == "cpu":  # a CPU stands in for the GPU: keep the dequantized weight (same values)
             return F.linear(x, _cpu_cached(self, name, x.dtype, lambda: quant.dequantize(qw, x.dtype)))
