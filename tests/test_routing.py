@@ -166,7 +166,7 @@ def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
 
 def test_a_shift_common_to_every_expert_never_reaches_the_clamp_or_the_routing():
     """Softmax and top-k ignore a common shift, so its gradient is zero and Adam drifts it freely: uncentred,
-    it carried every expert onto the clamp on the GPU, where routing was static and the adapter stopped."""
+    it can carry every expert onto the clamp, where routing is static and the adapter stops learning."""
     r = make_router(cost_bias_scale=1.0, max_drift=None)
     hot = sample(power_w=450.0)
     serve_step(r, hot)

@@ -83,7 +83,7 @@ class QuantizedExpert(nn.Module):
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         qw = self.qweight(name)
         # Test-time training backpropagates through the expert: the Triton kernel writes outside autograd (and
-        # tunes itself on its first eager call at each new token count), so autograd's path dequantizes.
+        # tunes itself on its first eager call in each new bucket of token counts), so autograd's path dequantizes.
         if kernels.use_triton(x) and not (x.requires_grad and torch.is_grad_enabled()):
             return kernels.dequant_linear(x, qw)
         if x.device.type == "cpu":  # a CPU stands in for the GPU: keep the dequantized weight (same values)

@@ -131,8 +131,8 @@ class TestTimeTrainer:
         """Seconds of a `mode` step's forward and backward on batch [B, S+1], synchronised, its gradients
         discarded (the model is not changed): compiles and tunes the step's kernels before a measured phase, and
         gives the budget policy this model's cost here. The step runs twice and the second is timed: the first
-        pays the one-time compiling and tuning, which made a step look many times dearer than it is. None when
-        the mode trains nothing."""
+        pays the one-time compiling and tuning, which is not what a step costs. None when the mode trains
+        nothing."""
         params = self._trainable(mode)
         if not params:
             return None
