@@ -11,7 +11,7 @@ from torch import nn
 from ttha import kernels
 from ttha.costs import KernelCostModel
 from ttha.kernels import _backend
-from ttha.model import QuantizedExpert, SimpleExpert
+from ttha.model import FP8Expert, QuantizedExpert, SimpleExpert
 from ttha.ttt import TestTimeTrainer, TTTPolicy, light_parameters
 
 TARGETS = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
@@ -241,3 +241,20 @@ def test_the_kernel_path_backpropagates_through_a_quantized_expert_like_the_refe
         kernels.set_backend("auto")
     assert grads["triton"].abs().max() > 0
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0.03, atol=0.03 * grads["torch"].abs().max())
+
+
+def test_an_fp8_expert_passes_x_gradient_like_its_dense_expert():
+    """Rounding x to fp8 has no gradient of its own: without passing x's straight through, TTT got (almost) no
+    gradient below an fp8 expert. Its gradient must be the dense expert's, up to fp8's rounding."""
+    torch.manual_seed(0)
+    dense = SimpleExpert(64, 128)
+    fp8 = FP8Expert.from_dense(dense)
+    x0, g = torch.randn(5, 64), torch.randn(5, 64)
+    grads = []
+    for expert in (dense, fp8):
+        x = x0.clone().requires_grad_()
+        (expert(x) * g).sum().backward()
+        grads.append(x.grad)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.1
+    with torch.no_grad():  # and the values are fp8's, not the dense expert's
+        assert not torch.equal(fp8(x0), dense(x0))

@@ -102,7 +102,7 @@ def _fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class FP8Expert(nn.Module):
     """fp8 e4m3 expert with per-row weight scales and per-token activation scales.
-    torch._scaled_mm on GPUs with FP8 (compute capability >= 8.9); elsewhere the same math by
+    torch._scaled_mm on GPUs with FP8 (compute capability >= 8.9) outside autograd; elsewhere the same math by
     casting to float8 and back (exact up to accumulation order)."""
 
     bits = 8
@@ -121,7 +121,8 @@ class FP8Expert(nn.Module):
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         w, sw = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
         xq, sx = _fp8_rows(x)
-        if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
+        grad = x.requires_grad and torch.is_grad_enabled()  # test-time training: _scaled_mm has no backward
+        if not grad and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
             m = x.shape[0]
             pad = (-m) % 16  # _scaled_mm wants dimensions in multiples of 16
             if pad:
@@ -134,7 +135,10 @@ class FP8Expert(nn.Module):
             return w.float() * sw.reshape(-1, 1)
 
         wf = _cpu_cached(self, name, torch.float32, dequantized) if x.device.type == "cpu" else dequantized()
-        return ((xq.float() * sx) @ wf.t()).to(x.dtype)
+        xd = xq.float() * sx
+        if grad:  # straight through: rounding to fp8 has no gradient, so x's passes as if unrounded
+            xd = x.float() + (xd - x.float()).detach()
+        return (xd @ wf.t()).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(F.gelu(self._linear(x, "w1")), "w2")
