@@ -1,6 +1,7 @@
 """End-to-end runs of the experiment on CPU (sim telemetry): MLflow contract, adaptation, faults."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -170,6 +171,7 @@ def test_interrupted_run_is_marked_and_cleaned_up(tmp_path, cache_dir, monkeypat
 
     def failing_step(self, batch, mode):
         calls["n"] += 1
+        calls["frozen"] = gc.get_freeze_count()  # serving runs with the collector off the objects alive before
         if calls["n"] == 5:
             raise error
         return original(self, batch, mode)
@@ -178,6 +180,7 @@ def test_interrupted_run_is_marked_and_cleaned_up(tmp_path, cache_dir, monkeypat
     cfg = make_cfg(tmp_path, cache_dir, "stress=matmul", "tracking.plots=false")
     with pytest.raises(type(error)):
         experiment.run(cfg)
+    assert calls["frozen"] > 0 and gc.get_freeze_count() == 0  # and off again, however serving ended
     (run,) = runs(tmp_path)[1]
     assert run.info.status == status
     if status == "FAILED":

@@ -73,3 +73,17 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_run(monkeypatch):
             _wait(5.0)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_steady_heap_keeps_the_collector_off_older_objects_until_it_ends_however_it_ends():
+    import gc
+
+    from ttha.runtime import steady_heap
+    older = [[] for _ in range(100)]
+    with pytest.raises(RuntimeError):
+        with steady_heap():
+            assert gc.get_freeze_count() >= len(older)
+            collected = {id(o) for g in range(3) for o in gc.get_objects(generation=g)}
+            assert not any(id(o) in collected for o in older)  # in the permanent generation, which no pass walks
+            raise RuntimeError("serving failed")
+    assert gc.get_freeze_count() == 0

@@ -91,10 +91,11 @@ def run(cfg: DictConfig) -> list[float]:
                                int(cfg.model.n_layers))
 
         serve = serving_decode.serve if decode else serving.serve
-        rows, summary = serve(serving.Serving(
-            cfg=cfg, model=model, corpus=corpus, router=router, policy=ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets),
-            trainer=ttt.TestTimeTrainer(model, cfg.ttt), monitor=monitor, stressor=stressor, sim_work=sim_work,
-            tracker=tracker, device=device))
+        with runtime.steady_heap():
+            rows, summary = serve(serving.Serving(
+                cfg=cfg, model=model, corpus=corpus, router=router,
+                policy=ttt.TTTPolicy(cfg.ttt, cost_model, cfg.targets), trainer=ttt.TestTimeTrainer(model, cfg.ttt),
+                monitor=monitor, stressor=stressor, sim_work=sim_work, tracker=tracker, device=device))
         stressor.stop()
         tracker.log_summary(summary)
         tracker.set_tags({"expert_bits": ",".join(map(str, bits))})

@@ -6,6 +6,8 @@ stress tool make the same choices.
 from __future__ import annotations
 
 import _thread
+import contextlib
+import gc
 import random
 import signal
 import sys
@@ -33,6 +35,20 @@ def resolve_device(name) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+@contextlib.contextmanager
+def steady_heap():
+    """Serving with Python's cyclic garbage collector kept off the objects already alive (torch, MLflow, Hydra:
+    hundreds of thousands): a full collection walks them all and stalls the host for a few hundred milliseconds,
+    at whichever step it falls on, and paced serving queues every step behind it. Unreferenced objects are still
+    freed; only cycles among the frozen ones wait until the block ends."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def seed_everything(seed: int) -> None:
