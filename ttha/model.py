@@ -27,6 +27,12 @@ def softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return weights / weights.sum(-1, keepdim=True), indices
 
 
+def needs_grad(t: torch.Tensor) -> bool:
+    """Whether a call on t builds an autograd graph (test-time training): the Triton kernels and _scaled_mm
+    write outside autograd, so such calls take the torch paths."""
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits [..., vocab] against the next bytes [...], in fp32 (bf16 logits round off the
     small probabilities the loss is made of)."""
@@ -84,7 +90,7 @@ class QuantizedExpert(nn.Module):
         qw = self.qweight(name)
         # Test-time training backpropagates through the expert: the Triton kernel writes outside autograd (and
         # tunes itself on its first eager call in each new bucket of token counts), so autograd's path dequantizes.
-        if kernels.use_triton(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        if kernels.use_triton(x) and not needs_grad(x):
             return kernels.dequant_linear(x, qw)
         if x.device.type == "cpu":  # a CPU stands in for the GPU: keep the dequantized weight (same values)
             return F.linear(x, _cpu_cached(self, name, x.dtype, lambda: quant.dequantize(qw, x.dtype)))
@@ -121,7 +127,7 @@ class FP8Expert(nn.Module):
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         w, sw = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
         xq, sx = _fp8_rows(x)
-        grad = x.requires_grad and torch.is_grad_enabled()  # test-time training: _scaled_mm has no backward
+        grad = needs_grad(x)  # _scaled_mm has no backward
         if not grad and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
             m = x.shape[0]
             pad = (-m) % 16  # _scaled_mm wants dimensions in multiples of 16

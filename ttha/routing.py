@@ -37,7 +37,7 @@ from ttha.adapter import COST_FEATURES, HW_FEATURES, HostAdam, TTHAAdapter
 from ttha.balance import ExpertLoadBalancer
 from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
-from ttha.model import softmax_topk
+from ttha.model import needs_grad, softmax_topk
 from ttha.runtime import to_host_async
 from ttha.objective import activation_np, cost_features, guard_scale, loss_autograd, loss_closed_form, terms
 
@@ -211,8 +211,7 @@ class AdaptiveRouter:
         bias = self._bias
         if bias is not None and bias.device != logits.device:
             bias = self._bias = bias.to(logits.device)
-        needs_grad = torch.is_grad_enabled() and logits.requires_grad
-        if not needs_grad and kernels.use_triton(logits):
+        if not needs_grad(logits) and kernels.use_triton(logits):
             if bias is None:
                 if self._zero_bias is None or self._zero_bias.device != logits.device:
                     self._zero_bias = torch.zeros(self.n_experts, device=logits.device)
