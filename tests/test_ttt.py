@@ -213,12 +213,33 @@ def test_serving_ttt_step_teaches_the_policy_on_the_wall_clock_only(simulated):
     p, clock = policy(), StepClock()
     trainer = TestTimeTrainer(StandIn(), OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
     s = SimpleNamespace(device=torch.device("cuda"), policy=p, trainer=trainer)  # the device only gates measuring
-    mode, _ = ttt_step(s, SimpleNamespace(simulated=simulated), clock, batch(), sample(50.0), 0.0, True)
+    run_clock = SimpleNamespace(simulated=simulated)
+    assert ttt_step(s, run_clock, clock, batch(), sample(50.0), 0.0, -1)[0] == "skip"
+    assert p.measured == ({} if simulated else {"full": p.measured["full"], "light": p.measured["light"]})
+    timed = dict(p.measured)
+    mode, _ = ttt_step(s, run_clock, clock, batch(), sample(50.0), 0.0, 0)
     assert mode == "full"
     if simulated:
         assert p.measured == {}
     else:
-        assert set(p.measured) == {"full", "light"} and p.measured["full"] == clock.span["ttt"] * 1000.0
+        assert p.measured["full"] == clock.span["ttt"] * 1000.0 and p.measured["light"] == timed["light"]
+
+
+@pytest.mark.parametrize("policy_name", ["always", "budget"])
+def test_warm_up_trains_nothing_whatever_the_policy_or_telemetry(policy_name):
+    """Warm-up runs under telemetry no row records (the GPU still starting): a step taken there would let two
+    runs of one model enter the measured phase with different weights. The first measured batch trains."""
+    from ttha.serving import StepClock, ttt_step
+    torch.manual_seed(0)
+    model = StandIn()
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    s = SimpleNamespace(device=torch.device("cpu"), trainer=trainer, policy=policy(policy_name))
+    before, run_clock = snapshot(model), SimpleNamespace(simulated=True)
+    for step in (-3, -2, -1):
+        assert ttt_step(s, run_clock, StepClock(), batch(), sample(50.0), 0.0, step) == ("skip", "warm-up")
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items()) and trainer._optimizers == {}
+    assert ttt_step(s, run_clock, StepClock(), batch(), sample(50.0), 0.0, 0)[0] == "full"
+    assert any(not torch.equal(before[k], v) for k, v in snapshot(model).items())
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON or not (torch.cuda.is_available() or _backend.interpreting()),

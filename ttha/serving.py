@@ -154,17 +154,21 @@ def update_router(s: Serving, clock: StepClock, update: bool, sample, latency_ms
 
 
 def ttt_step(s: Serving, run_clock: RunClock, clock: StepClock, batch: torch.Tensor, sample, latency_ms: float,
-             last_warmup: bool) -> tuple[str, str]:
-    """The TTT policy's decision on batch [B, S+1] and its step: (mode, reason). On a GPU's wall clock the policy
-    learns what a step costs this model here: each mode is timed at the end of warm-up (not applied; its
-    kernels are compiled and tuned there, where a first TTT step in the measured phase would stall serving for
-    seconds), then every step taken is."""
+             step: int) -> tuple[str, str]:
+    """The TTT policy's decision on batch [B, S+1] and its step: (mode, reason). step is the measured batch's
+    index, negative in warm-up. Warm-up trains nothing: its decisions would follow telemetry nobody records (the
+    GPU still starting), so two runs would enter the measured phase with different models. On a GPU's wall clock
+    the policy learns what a step costs this model here: each mode is timed on the last warm-up batch (not
+    applied; its kernels are compiled and tuned there, where a first TTT step in the measured phase would stall
+    serving for seconds), then every step taken is."""
     measure = s.device.type == "cuda" and not run_clock.simulated and s.policy.policy != "never"
-    if measure and last_warmup:
-        for mode in ("full", "light"):
-            seconds = s.trainer.time_step(batch, mode)
-            if seconds is not None:
-                s.policy.observe(mode, seconds * 1000.0)
+    if step < 0:
+        if measure and step == -1:
+            for mode in ("full", "light"):
+                seconds = s.trainer.time_step(batch, mode)
+                if seconds is not None:
+                    s.policy.observe(mode, seconds * 1000.0)
+        return "skip", "warm-up"
     mode, reason = s.policy.decide(sample, batch[:, 1:].numel(), latency_ms)
     with clock.timed("ttt"):
         s.trainer.step(batch, mode)
@@ -225,7 +229,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         nll, n = _evaluate(s, batch, update)
         clock.mark("serve")
 
-        mode, reason = ttt_step(s, run_clock, clock, batch, sample, latency_ms, i == n_warm - 1)
+        mode, reason = ttt_step(s, run_clock, clock, batch, sample, latency_ms, step)
         terms, exposed = update_router(s, clock, update, sample, latency_ms, nll / n)
 
         if s.device.type == "cuda":

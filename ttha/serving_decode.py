@@ -107,7 +107,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
             row = {}
             if p + n == S:  # the streams' sequences are done: train on them (or not) before the next ones
-                mode, reason = ttt_step(s, run_clock, clock, on_device, sample, latency_ms, i == n_warm - 1)
+                mode, reason = ttt_step(s, run_clock, clock, on_device, sample, latency_ms, i - n_warm)
                 row = {"ttt/mode": TTT_CODE[mode], "ttt/reason": reason}
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
