@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ttha import kernels
 from ttha.kernels import moe as kmoe
 from ttha.kernels import quant
-from ttha.model import MoEFFN, MoELM, SimpleExpert
+from ttha.model import MoEFFN, MoELM, SimpleExpert, next_byte_loss
 
 GROUPED_BITS = (16, 4, 2)  # what a GroupedExperts stacks
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -278,7 +278,7 @@ class Decoder:
             x = x + self._attend(layer, block, block.ln1(x), positions, mask)
             x = x + self._moe(layer, block.moe, block.ln2(x), self.step_counts[i, layer])
         self.logits.copy_(m.head(m.ln_f(x)))
-        self.nll[i] = F.cross_entropy(self.logits, self.targets[i], reduction="sum")
+        self.nll[i] = next_byte_loss(self.logits, self.targets[i], reduction="sum")  # as the batch workloads score
 
     def _attend(self, layer: int, block, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
         b = self.batch_size
