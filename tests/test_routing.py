@@ -164,6 +164,24 @@ def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
     assert float(r.bias.min()) == pytest.approx(-r.max_bias)
 
 
+def test_a_prepared_bias_is_the_one_the_next_step_applies():
+    """Decode serving computes a replay's bias while the GPU runs the replay before: begin_step then applies that
+    bias, whatever readings it is given, and only once."""
+    r = make_router(cost_bias_scale=1.0, max_drift=None)
+    r.begin_step(sample(power_w=450.0), 10.0)
+    hot = r.bias.clone()
+    r.prepare_bias(sample(power_w=450.0), 10.0)
+    r.begin_step(sample(power_w=250.0), 10.0)  # under target: computed here, the bias would be zero
+    assert torch.equal(r.bias, hot) and float(hot.abs().max()) > 0.1
+    assert r.bias_columns()["router/bias_0"] == pytest.approx(float(hot[0]))
+    r.begin_step(sample(power_w=250.0), 10.0)  # nothing prepared: from its own readings
+    assert torch.equal(r.bias, torch.zeros(E))
+    static = make_router("static")
+    static.prepare_bias(sample(power_w=450.0), 10.0)
+    static.begin_step(sample(power_w=450.0), 10.0)
+    assert static.device_bias is None
+
+
 def test_a_shift_common_to_every_expert_never_reaches_the_clamp_or_the_routing():
     """Softmax and top-k ignore a common shift, so its gradient is zero and Adam drifts it freely: uncentred,
     it can carry every expert onto the clamp, where routing is static and the adapter stops learning."""

@@ -127,3 +127,24 @@ def test_the_kv_cache_error_says_how_much_it_needs(compose_cfg):
     m = cfg.model
     need = 2 * m.n_layers * 100000000 * cfg.test.seq_len * m.d_model * 4  # fp32 on a CPU
     assert f"{need / 1e12:.3g} TB" in str(err.value) and math.isfinite(need)
+
+
+def test_each_replays_bias_is_computed_while_the_replay_before_runs(tmp_path, cache_dir, monkeypatch, make_cfg):
+    """Host work hidden behind the GPU: the TTHA bias of replay r+1 is computed after replay r is launched, from
+    the mean latency of replay r-1 (the last one synced), and replay r+1 is routed by it."""
+    from ttha import decode, routing
+    events = []
+    run, prepare = decode.Decoder.run, routing.AdaptiveRouter.prepare_bias
+    monkeypatch.setattr(decode.Decoder, "run", lambda self, *a: events.append(("run", None)) or run(self, *a))
+    monkeypatch.setattr(routing.AdaptiveRouter, "prepare_bias",
+                        lambda self, s, ms: events.append(("prepare", ms)) or prepare(self, s, ms))
+    monkeypatch.chdir(tmp_path)
+    experiment.run(make_cfg(tmp_path, cache_dir, "workload=decode", "router=ttha", "ttt=never",
+                            "workload.steps_per_graph=4", *SHORT))
+    client, (run_,) = runs(tmp_path)
+    latency = np.array([float(r["latency_ms"]) for r in steps_csv(client, run_, tmp_path)]).reshape(-1, 4).mean(1)
+    warm, replays = 32 // 4, 4 * 32 // 4  # replays of the warm-up batch; of all four batches
+    assert [kind for kind, _ in events] == ["prepare"] + ["run", "prepare"] * replays  # the first in begin_step
+    prepared = [ms for kind, ms in events if kind == "prepare"][1:]  # prepared[r]: during replay r, for r + 1
+    assert prepared[warm + 1:] == pytest.approx(latency[:-1].tolist(), rel=1e-9)
+    assert len(set(np.round(latency, 6))) > 1  # latencies that differ: a lag of one replay would show

@@ -112,6 +112,7 @@ class AdaptiveRouter:
         self._staged_probs = None  # (gate probs [E, N] on the host, layers), for the next update
         self._gate_q: tuple | None = None  # (the last gate probs [E, N] seen, layers): the guard's reference
         self._alpha = 1.0  # the guard's scale of this step's bias
+        self._prepared: tuple | None = None  # prepare_bias's (alpha, bias [E] on the host, on the device)
         self._idle: tuple = (None, None)  # (gate record q, its P(e idle)) in decode
 
     # ---- costs and features ------------------------------------------------------------------------
@@ -188,22 +189,32 @@ class AdaptiveRouter:
 
     # ---- the routing callable ----------------------------------------------------------------------
     def begin_step(self, sample, latency_ms: float) -> None:
-        """Start a step: fold the last step's usage into the balancer, clear the records, compute the bias
-        for this step from the latest telemetry (no grad)."""
+        """Start a step: fold the last step's usage into the balancer, clear the records, apply the bias
+        prepare_bias computed, else compute it from these readings (no grad)."""
         self._fold()
         self._logits, self._usage, self._staged_counts = {}, None, None
         self._counts.zero_()
         if not self.adaptive:
             self._bias, self._bias_np = None, None
             return
+        if self._prepared is None:
+            self.prepare_bias(sample, latency_ms)
+        (self._alpha, self._bias_np, self._bias), self._prepared = self._prepared, None
+
+    def prepare_bias(self, sample, latency_ms: float) -> None:
+        """Compute the next step's bias now, from these readings and the newest gate record; the next begin_step
+        applies it. Decode serving calls it while the GPU runs the replay before, which hides this host work."""
+        if not self.adaptive:
+            return
         if self._staged_probs is not None:  # a staged record not yet learned from is the newest gate record
             self._gate_q = (self._staged_probs[0].numpy(), self._staged_probs[1])
-        self._alpha, raw, _, _ = self._step_bias(sample, latency_ms, self._gate_q)
-        self._bias_np = (self._alpha * raw).astype(np.float32)
-        bias = torch.from_numpy(self._bias_np)
+        alpha, raw, _, _ = self._step_bias(sample, latency_ms, self._gate_q)
+        bias_np = (alpha * raw).astype(np.float32)
+        bias = torch.from_numpy(bias_np)
         # from pinned memory, queued: a synchronous copy waits for the GPU, which another process (the
         # stressor) may hold for a time slice
-        self._bias = bias.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else bias
+        bias = bias.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else bias
+        self._prepared = (alpha, bias_np, bias)
 
     def __call__(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if logits.dim() != 2 or logits.shape[-1] != self.n_experts:

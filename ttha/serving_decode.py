@@ -54,7 +54,8 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     reads happen once per replay; the replay starts when its last step's tokens have arrived (paced), so each
     step's latency runs from its own arrival to the replay's end. The adapter learns from a replay while the
     GPU runs the next one (host work hidden behind it), so a replay's loss terms are logged with the next; the
-    run's last replay, which none follows, is not learnt from."""
+    run's last replay, which none follows, is not learnt from. The next replay's telemetry and bias are read and
+    computed there too, so they lag one replay: its bias reads the latency of the replay before the current one."""
     cfg = s.cfg
     B, S = int(cfg.test.batch_size), int(cfg.test.seq_len)
     n = int(cfg.workload.get("steps_per_graph") or 1)
@@ -70,7 +71,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     bits = s.router.bits
 
     rows: list[dict] = []
-    nll_sum, ntok, latency_ms, n_steps, learn = 0.0, 0, 0.0, 0, None
+    nll_sum, ntok, latency_ms, n_steps, learn, routed_by = 0.0, 0, 0.0, 0, None, None
     energy0 = t_meas0 = wall0 = read_energy0 = None
     bar = tqdm(total=(n_warm + n_meas) * S, desc="decode", unit="step", dynamic_ncols=True,
                mininterval=pretrain.progress_interval())
@@ -87,23 +88,31 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             last_arrival = pacer.wait(first + n - 1) if first >= 0 else run_clock.now()
             arrivals = last_arrival - pacer.interval * np.arange(n - 1, -1, -1)
             clock.start()
-            with clock.timed("telemetry"):
-                sample = s.monitor.latest()
+            if routed_by is None:  # the first replay: nothing ran before it to hide this behind
+                with clock.timed("telemetry"):
+                    routed_by = (s.monitor.latest(), latency_ms)
+            sample = routed_by[0]
             with clock.timed("bias"):
-                s.router.begin_step(sample, latency_ms)
+                s.router.begin_step(*routed_by)
                 if adaptive:
                     decoder.set_bias(s.router.device_bias)
             update = adaptive and any((n_steps + j) % update_every == 0 for j in range(n))
             positions = torch.arange(p, p + n).unsqueeze(1).expand(n, B)
             nll_t = decoder.run(inputs[p:p + n], positions, targets[p:p + n])
-            # while the GPU runs the replay, the adapter learns from the one before (its records are staged)
+            # while the GPU runs the replay, the adapter learns from the one before (its records are staged), then
+            # the next replay's bias is computed from the readings at hand
             terms, exposed = update_router(s, clock, *learn) if learn else ({}, True)
+            learn = (update, *routed_by)  # the readings this replay was routed under (its loss follows the sync)
+            with clock.timed("telemetry"):
+                routed_by = (s.monitor.latest(), latency_ms)  # the next replay's: the latency of the one before
+            with clock.timed("bias"):
+                s.router.prepare_bias(*routed_by)
             s.router.record_decode(decoder.gate_logits, decoder.step_counts.sum(0))  # the last step's gate
             s.router.stage(for_update=update)
             nll = nll_t.tolist()  # the replay's one sync: its losses, counts and staged records are then here
             counts = decoder.step_counts.cpu().numpy()
             clock.mark("serve")
-            learn = (update, sample, latency_ms, sum(nll) / (n * B))  # what this replay was routed under
+            learn = (*learn, sum(nll) / (n * B))  # what this replay was routed under, and its loss
 
             row = {}
             if p + n == S:  # the streams' sequences are done: train on them (or not) before the next ones
