@@ -88,6 +88,10 @@ def test_activation_rates_count_experts_with_a_token_per_precision():
     counts = np.array([[0, 3, 1, 0, 0, 4], [2, 0, 0, 0, 1, 5]])  # [layers, experts]
     rates = serving_decode.activation_rates(counts, [16, 4, 2, 16, 4, 2])
     assert rates == {"experts/activated_16bit": 0.25, "experts/activated_4bit": 0.5, "experts/activated_2bit": 0.75}
+    replay = np.stack([counts, np.zeros_like(counts), np.ones_like(counts)])  # [steps, layers, experts]
+    by_step = serving_decode.activation_rates(replay, [16, 4, 2, 16, 4, 2])
+    for key, value in rates.items():
+        np.testing.assert_array_equal(by_step[key], [value, 0.0, 1.0])
 
 
 def test_decode_pacing_and_expert_size_come_from_the_config(compose_cfg):

@@ -177,15 +177,19 @@ def ttt_step(s: Serving, run_clock: RunClock, clock: StepClock, batch: torch.Ten
     return mode, reason
 
 
-def record(s: Serving, clock: StepClock, rows: list[dict], row: dict, sample, energy_j: float, usage,
-           terms: dict) -> None:
-    """Completes a step's record with the columns every workload shares (telemetry, router, expert usage, loss
-    terms), keeps it for steps.csv and the plots, and hands its numbers to the tracker (which batches them)."""
-    row.update({"telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
-                "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
-                "telemetry/energy_j": energy_j, "router/balance_score": s.router.balance_score,
-                **s.router.bias_columns()})
-    row.update({f"experts/usage_{e}": float(u) for e, u in enumerate(usage)})
+def shared_columns(s: Serving, sample, energy_j: float, usage) -> dict:
+    """The columns a step's record takes from telemetry and the router: every step of a decode replay shares
+    them, so they are built once a replay (its host time follows the replay's sync, with the GPU idle)."""
+    return {"telemetry/power_w": sample.power_w, "telemetry/temp_c": sample.temp_c,
+            "telemetry/util_pct": sample.util_pct, "telemetry/sm_clock_mhz": sample.sm_clock_mhz,
+            "telemetry/energy_j": energy_j, "router/balance_score": s.router.balance_score,
+            **s.router.bias_columns(), **{f"experts/usage_{e}": float(u) for e, u in enumerate(usage)}}
+
+
+def record(s: Serving, clock: StepClock, rows: list[dict], row: dict, shared: dict, terms: dict) -> None:
+    """Completes a step's record with the columns every workload shares (shared_columns) and its loss terms,
+    keeps it for steps.csv and the plots, and hands its numbers to the tracker (which batches them)."""
+    row.update(shared)
     row.update({f"loss/{k}": float(v) for k, v in terms.items()})
     rows.append(row)
     with clock.timed("log"):
@@ -246,7 +250,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         nll_sum, ntok = nll_sum + nll, ntok + n
         row = {"step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
                "ttt/mode": TTT_CODE[mode], "eval/batch_loss": nll / n}
-        record(s, clock, rows, row, sample, sample.energy_j - read_energy0, usage, terms)
+        record(s, clock, rows, row, shared_columns(s, sample, sample.energy_j - read_energy0, usage), terms)
         clock.count(exposed)
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 

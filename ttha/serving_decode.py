@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from ttha import data, pretrain, sim
 from ttha.decode import Decoder
-from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, summarize, ttt_step, update_router,
-                          usage_array)
+from ttha.serving import (TTT_CODE, Pacer, RunClock, Serving, StepClock, record, shared_columns, summarize,
+                          ttt_step, update_router, usage_array)
 
 LOG_EVERY = 16  # steps a logged MLflow point averages by default: a decode run serves hundreds of steps a second
 
@@ -33,11 +33,12 @@ def step_interval(workload) -> float:
     return 0.0 if rate is None else 1.0 / float(rate)
 
 
-def activation_rates(counts: np.ndarray, bits) -> dict[str, float]:
-    """Share of the experts of each precision that got >= 1 token in the step, over the layers [L, E]: what the
-    step read."""
+def activation_rates(counts: np.ndarray, bits) -> dict[str, float | np.ndarray]:
+    """Share of the experts of each precision that got >= 1 token in the step, over the layers: what the step
+    read. counts [L, E] gives floats; a replay's counts [n, L, E] give each step's rates as arrays [n]."""
     active, bits = np.asarray(counts) > 0, np.asarray(bits)
-    return {f"experts/activated_{b}bit": float(active[:, bits == b].mean()) for b in sorted(set(bits.tolist()))}
+    rates = {f"experts/activated_{b}bit": active[..., bits == b].mean((-2, -1)) for b in sorted(set(bits.tolist()))}
+    return {k: float(v) if np.ndim(v) == 0 else v for k, v in rates.items()}
 
 
 def expert_params(cfg) -> float:
@@ -134,13 +135,14 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
             if first < 0:
                 continue
 
+            rates = activation_rates(counts, bits)  # [n] a precision: the replay's steps at once
+            shared = shared_columns(s, sample, sample.energy_j - read_energy0, usage)
             for j in range(n):  # a record per step; the replay's TTT decision and loss terms on its last
                 nll_sum, ntok = nll_sum + nll[j], ntok + B
                 step_row = {"step": first + j, "t": t_end - t_meas0, "latency_ms": float(latencies[j]),
-                            "eval/batch_loss": nll[j] / B, **activation_rates(counts[j], bits),
+                            "eval/batch_loss": nll[j] / B, **{k: float(v[j]) for k, v in rates.items()},
                             **(row if j == n - 1 else {})}
-                record(s, clock, rows, step_row, sample, sample.energy_j - read_energy0, usage,
-                       terms if j == n - 1 else {})
+                record(s, clock, rows, step_row, shared, terms if j == n - 1 else {})
             clock.count(exposed)
             if n_steps % 16 < n:
                 bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", refresh=False)
