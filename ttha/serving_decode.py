@@ -35,10 +35,9 @@ def step_interval(workload) -> float:
 
 def activation_rates(counts: np.ndarray, bits) -> dict[str, float | np.ndarray]:
     """Share of the experts of each precision that got >= 1 token in the step, over the layers: what the step
-    read. counts [L, E] gives floats; a replay's counts [n, L, E] give each step's rates as arrays [n]."""
+    read. counts [L, E] gives a float a precision; a replay's counts [n, L, E] give each step's rates [n]."""
     active, bits = np.asarray(counts) > 0, np.asarray(bits)
-    rates = {f"experts/activated_{b}bit": active[..., bits == b].mean((-2, -1)) for b in sorted(set(bits.tolist()))}
-    return {k: float(v) if np.ndim(v) == 0 else v for k, v in rates.items()}
+    return {f"experts/activated_{b}bit": active[..., bits == b].mean((-2, -1)) for b in sorted(set(bits.tolist()))}
 
 
 def expert_params(cfg) -> float:
