@@ -266,14 +266,17 @@ class Decoder:
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def compute(self) -> None:
-        """The loaded steps, eagerly (what the graph replays)."""
+        """The loaded steps, eagerly (what the graph replays). Teacher forcing makes every step's input known
+        when the replay starts, so the embedding lookups and attention masks of all its steps are launched once,
+        not once a step: small launches whose time a step pays whatever their size."""
+        m = self.model
+        x = m.tok(self.tokens) + m.pos(self.positions)  # [steps, B, D]
+        masks = (self._cols <= self.positions[..., None])[:, :, None, None, :]  # [steps, B, 1, 1, S]
         for i in range(self.steps):
-            self._step(i)
+            self._step(i, x[i], masks[i])
 
-    def _step(self, i: int) -> None:
+    def _step(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> None:
         m, positions = self.model, self.positions[i]
-        x = m.tok(self.tokens[i]) + m.pos(positions)
-        mask = (self._cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
         for layer, block in enumerate(m.blocks):
             x = x + self._attend(layer, block, block.ln1(x), positions, mask)
             x = x + self._moe(layer, block.moe, block.ln2(x), self.step_counts[i, layer])
