@@ -66,4 +66,5 @@ def test_smoke_sweep_runs_end_to_end_and_resumes(tmp_path):
 def test_the_decode_tradeoff_sweep_serves_ttha_in_decode_over_a_preset(compose_cfg):
     cfg = compose_cfg("experiment=decode_h200", "sweep=decode_tradeoff", hydra=True)
     assert (cfg.router.name, cfg.workload.kind, cfg.model.name) == ("ttha", "decode", "decode")
-    assert set(cfg.hydra.sweeper.params) == {"router.max_drift", "objective.power_weight", "targets.power_w"}
+    assert set(cfg.hydra.sweeper.params) == {"router.max_drift", "objective.power_weight", "router.max_bias",
+                                              "targets.power_w"}
