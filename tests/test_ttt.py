@@ -11,7 +11,7 @@ from torch import nn
 from ttha import kernels
 from ttha.costs import KernelCostModel
 from ttha.kernels import _backend
-from ttha.model import FP8Expert, QuantizedExpert, SimpleExpert
+from ttha.model import FP8Expert, MoELM, QuantizedExpert, SimpleExpert, softmax_topk
 from ttha.ttt import TestTimeTrainer, TTTPolicy, light_parameters
 
 TARGETS = OmegaConf.create({"power_w": 300.0, "temp_c": 80.0, "latency_ms": 100.0})
@@ -186,6 +186,23 @@ def test_time_step_leaves_the_model_and_optimizer_untouched():
     for p in model.parameters():
         p.requires_grad_(False)
     assert trainer.time_step(batch(), "full") is None
+
+
+def test_full_step_when_no_token_reaches_an_expert():
+    """A batch may route no token to an expert (a sharp gate, a router steering tokens away): that expert has no
+    gradient, which neither the timed warm-up step nor a step may fail on, and its weights stay as they were."""
+    torch.manual_seed(0)
+    model = MoELM(OmegaConf.create({"vocab_size": 256, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32,
+                                    "n_experts": 4, "top_k": 2, "max_seq_len": 32}))
+    hidden = torch.tensor([True, False, False, False])
+    model.set_router(lambda logits, layer: softmax_topk(logits.masked_fill(hidden, float("-inf")), 2))
+    trainer = TestTimeTrainer(model, OmegaConf.create({"full_lr": 1e-2, "light_lr": 1e-2}))
+    experts = model.moe_layers[0].experts
+    before = [e.w1.weight.detach().clone() for e in experts]
+    assert trainer.time_step(batch(), "full") > 0
+    assert trainer.step(batch(), "full") is not None
+    assert torch.equal(experts[0].w1.weight, before[0])
+    assert not any(torch.equal(e.w1.weight, b) for e, b in zip(experts[1:], before[1:]))
 
 
 def test_time_step_times_the_step_not_its_first_compile(monkeypatch):
