@@ -26,6 +26,14 @@ def test_every_integer_key_refuses_a_fraction(compose_cfg, key):
     assert (err.value.key, err.value.problem) == (key, "must be an integer")
 
 
+@pytest.mark.parametrize("value", ["1", "1.5"])
+def test_expert_drop_is_a_probability_below_one(compose_cfg, value):
+    """1 would hide every expert from every sequence (a layer then keeps them all: no drop at all)."""
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg(f"pretrain.expert_drop={value}"))
+    assert str(err.value) == f"pretrain.expert_drop={value}: must be below 1 (a probability)"
+
+
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_model_parameters_counts_what_moelm_builds(compose_cfg, model):
     m = compose_cfg(f"model={model}").model

@@ -2,6 +2,7 @@
 rebuilds a damaged entry with one warning, and is built once by concurrent runs of one key."""
 import json
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttha import cache, model as model_mod, pretrain
+from ttha import cache, data, model as model_mod, pretrain
 from ttha.config import ConfigError
 
 CPU = torch.device("cpu")
@@ -57,9 +58,42 @@ def test_cache_key_follows_what_changes_the_weights(compose_cfg, tmp_path):
     assert key("model.d_model=64") != base
     assert key("seed=3") != base
     assert key("seed=3", "pretrain.seed=0") == base  # a fixed pretrain.seed shares one model across seeds
+    assert key("pretrain.expert_drop=0.1") != base
+    assert key("~pretrain.expert_drop") == base  # off keeps the key of checkpoints from before the option
     # serving choices and where the cache lives do not retrain
     assert key(f"pretrain.cache_dir={tmp_path / 'elsewhere'}", "experts=int2", "router=static",
                "model.dtype=bf16") == base
+
+
+def test_expert_drop_hides_whole_sequences_from_experts_and_keeps_top_k():
+    """Each (sequence, layer) hides each expert with probability p, the same at every position; routing never
+    picks a hidden expert; a layer left with fewer than top_k keeps them all."""
+    layers, experts, k, batch, seq = 2, 4, 2, 400, 3
+    drop = pretrain.ExpertDrop(0.3, layers, experts, k, torch.Generator().manual_seed(0))
+    drop.draw(batch, seq, CPU)
+    hidden = drop.hidden.view(batch, seq, layers, experts)
+    assert torch.equal(hidden, hidden[:, :1].expand_as(hidden))  # per sequence, not per token
+    visible = (~hidden[:, 0]).sum(-1)
+    assert int(visible.min()) >= k and int(visible.max()) == experts
+    # an expert is hidden where h <= experts - k of the layer's experts are: E[h 1(h <= 2)] / experts
+    binom = [math.comb(experts, h) * 0.3 ** h * 0.7 ** (experts - h) for h in range(experts + 1)]
+    expected = sum(h * binom[h] for h in range(experts - k + 1)) / experts
+    assert float(hidden[:, 0].float().mean()) == pytest.approx(expected, abs=0.03)
+    logits = torch.zeros(batch * seq, experts)
+    for layer in range(layers):
+        weights, indices = drop(logits, layer)
+        assert not drop.hidden[:, layer].gather(1, indices).any()
+        assert torch.allclose(weights.sum(-1), torch.ones(batch * seq))
+
+
+def test_pretraining_with_expert_drop_trains_another_model_and_serves_with_every_expert(small):
+    """The drop is pretraining's alone: the model it returns routes over every expert (no router left set)."""
+    corpus = data.cached_corpus(small.data, pretrain.cache_dir(small))
+    plain, _ = pretrain.train(small, corpus, CPU)
+    small.pretrain.expert_drop = 0.5
+    dropped, _ = pretrain.train(small, corpus, CPU)
+    assert all(m.router is None for m in dropped.moe_layers)
+    assert not _same_weights(plain, dropped)
 
 
 @pytest.mark.parametrize("where", ["under a file", "/proc"])

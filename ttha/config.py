@@ -59,8 +59,8 @@ POSITIVE = [
 NON_NEGATIVE = [
     "objective.task_weight", "objective.power_weight", "objective.thermal_weight",
     "objective.latency_weight", "objective.throughput_weight", "objective.thermal_boost",
-    "pretrain.weight_decay", "pretrain.aux_loss_weight", "pretrain.warmup_steps", "pretrain.eval_batches",
-    "test.warmup_batches", "ttt.full_lr", "ttt.light_lr",
+    "pretrain.weight_decay", "pretrain.aux_loss_weight", "pretrain.expert_drop", "pretrain.warmup_steps",
+    "pretrain.eval_batches", "test.warmup_batches", "ttt.full_lr", "ttt.light_lr",
 ]
 # Keys some options of a group leave out (router=static has no adapter): checked where present.
 OPTIONAL_POSITIVE = ["router.lr", "router.max_bias", "router.loss_tokens", "router.adapter_hidden"]
@@ -201,6 +201,8 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError("tracking.log_every", cfg.tracking.log_every, "must be >= 1 (or null: per workload)")
     if cfg.router.adaptive and _integer(cfg, "router.update_every") < 1:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
+    if _number(cfg, "pretrain.expert_drop") >= 1:
+        raise ConfigError("pretrain.expert_drop", cfg.pretrain.expert_drop, "must be below 1 (a probability)")
     if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:
         raise ConfigError("data.test_frac", cfg.data.test_frac, "must be between 0 and 1")
 

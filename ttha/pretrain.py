@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ttha import cache, data
 from ttha.config import ConfigError
-from ttha.model import MoELM, next_byte_loss
+from ttha.model import MoELM, next_byte_loss, softmax_topk
 from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def cache_key(cfg) -> str:
     """Stable hash of everything that changes the trained weights."""
     pre = OmegaConf.to_container(cfg.pretrain, resolve=True)
     pre.pop("cache_dir", None)
+    if not pre.get("expert_drop"):  # off: the key of checkpoints trained before the option existed
+        pre.pop("expert_drop", None)
     pre["seed"] = pretrain_seed(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("dtype", None)  # the serving dtype: training is fp32 / autocast either way
@@ -81,6 +83,27 @@ def evaluate(model: MoELM, stream: torch.Tensor, batch_size: int, seq_len: int, 
     return math.exp(nll / n)
 
 
+class ExpertDrop:
+    """Pretraining router that hides each expert from a sequence with probability p, in each layer.
+
+    Serving steers tokens away from expensive experts (TTHA's bias) and the tokens land on their next choices; a
+    model that learned with missing experts has next choices that serve them well, so steering costs less quality
+    (and the model with every expert present some). Per sequence, not per token: a serving bias holds for a whole
+    stream. A layer left with fewer than top_k experts keeps them all."""
+
+    def __init__(self, p: float, n_layers: int, n_experts: int, top_k: int, gen: torch.Generator):
+        self.p, self.shape, self.k, self.gen = p, (n_layers, n_experts), top_k, gen
+        self.hidden = None
+
+    def draw(self, batch: int, seq: int, device: torch.device) -> None:
+        hidden = torch.rand((batch, *self.shape), generator=self.gen) < self.p
+        hidden &= (~hidden).sum(-1, keepdim=True) >= self.k  # too few left: that layer keeps all its experts
+        self.hidden = hidden.to(device).repeat_interleave(seq, 0)  # [batch * seq, layers, experts]
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return softmax_topk(logits.masked_fill(self.hidden[:, layer], float("-inf")), self.k)
+
+
 def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]:
     p = cfg.pretrain
     seed = pretrain_seed(cfg)
@@ -92,11 +115,18 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     gen = torch.Generator().manual_seed(seed)
+    drop = None
+    if float(p.expert_drop) > 0:
+        drop = ExpertDrop(float(p.expert_drop), len(model.moe_layers), model.n_experts, model.moe_layers[0].top_k,
+                          torch.Generator().manual_seed(seed + 1))
+        model.set_router(drop)
     model.train()
     loss_ema = None
     bar = tqdm(range(steps), desc="pretraining", unit="step", dynamic_ncols=True, mininterval=progress_interval())
     for _ in bar:
         batch = data.random_batch(corpus.train, int(p.batch_size), int(p.seq_len), gen).to(device)
+        if drop is not None:
+            drop.draw(batch.shape[0], batch.shape[1] - 1, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch[:, :-1])
         loss = next_byte_loss(logits, batch[:, 1:])
@@ -109,6 +139,7 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
         value = loss.item()
         loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
         bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
+    model.set_router(None)
     return model, loss_ema
 
 
