@@ -34,6 +34,15 @@ def test_expert_drop_is_a_probability_below_one(compose_cfg, value):
     assert str(err.value) == f"pretrain.expert_drop={value}: must be below 1 (a probability)"
 
 
+@pytest.mark.parametrize("value, problem", [
+    ("[3]", "must be null or a list of bits (2, 4, 8, 16)"), ("[]", "must be null or a list of bits (2, 4, 8, 16)"),
+    ("16", "must be null or a list of bits (2, 4, 8, 16)"), ("[8]", "no expert of experts.bits=[16, 4, 2] has these bits")])
+def test_expert_drop_bits_names_bits_some_expert_has(compose_cfg, value, problem):
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg("pretrain.expert_drop=0.3", f"pretrain.expert_drop_bits={value}"))
+    assert (err.value.key, err.value.problem) == ("pretrain.expert_drop_bits", problem)
+
+
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_model_parameters_counts_what_moelm_builds(compose_cfg, model):
     m = compose_cfg(f"model={model}").model

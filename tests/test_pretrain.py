@@ -60,6 +60,12 @@ def test_cache_key_follows_what_changes_the_weights(compose_cfg, tmp_path):
     assert key("seed=3", "pretrain.seed=0") == base  # a fixed pretrain.seed shares one model across seeds
     assert key("pretrain.expert_drop=0.1") != base
     assert key("~pretrain.expert_drop") == base  # off keeps the key of checkpoints from before the option
+    only_16 = key("pretrain.expert_drop=0.1", "pretrain.expert_drop_bits=[16]")
+    assert only_16 not in (base, key("pretrain.expert_drop=0.1"))
+    assert key("pretrain.expert_drop_bits=[16]") == base  # no drop: nothing to restrict
+    # the experts it may hide make the key, not the bits: another mix hides other experts
+    assert key("pretrain.expert_drop=0.1", "pretrain.expert_drop_bits=[16]", "experts.bits=[4,16,2]") != only_16
+    assert key("pretrain.expert_drop=0.1", "pretrain.expert_drop_bits=[16]", "experts.bits=[16,4,2,16,4,2]") == only_16
     # serving choices and where the cache lives do not retrain
     assert key(f"pretrain.cache_dir={tmp_path / 'elsewhere'}", "experts=int2", "router=static",
                "model.dtype=bf16") == base
@@ -84,6 +90,22 @@ def test_expert_drop_hides_whole_sequences_from_experts_and_keeps_top_k():
         weights, indices = drop(logits, layer)
         assert not drop.hidden[:, layer].gather(1, indices).any()
         assert torch.allclose(weights.sum(-1), torch.ones(batch * seq))
+
+
+def test_expert_drop_bits_hides_only_the_experts_the_mix_makes_that_precision(compose_cfg):
+    """experts=mixed gives expert i bits[i % 3]: [16] lets the drop hide experts 0, 3, 6 of 8 and no other."""
+    cfg = compose_cfg("model.n_experts=8", "experts=mixed", "pretrain.expert_drop_bits=[16]")
+    assert pretrain.droppable_experts(cfg) == [0, 3, 6]
+    cfg.pretrain.expert_drop_bits = [4, 2]
+    assert pretrain.droppable_experts(cfg) == [1, 2, 4, 5, 7]
+    cfg.pretrain.expert_drop_bits = None
+    assert pretrain.droppable_experts(cfg) is None
+    batch, seq = 2000, 2
+    drop = pretrain.ExpertDrop(0.4, 2, 8, 2, torch.Generator().manual_seed(0), [0, 3, 6])
+    drop.draw(batch, seq, CPU)
+    rate = drop.hidden.view(batch, seq, 2, 8)[:, 0].float().mean((0, 1))
+    assert torch.all(rate[[1, 2, 4, 5, 7]] == 0)
+    assert rate[[0, 3, 6]].tolist() == pytest.approx([0.4] * 3, abs=0.03)  # 5 always visible >= top_k: no cap
 
 
 def test_pretraining_with_expert_drop_trains_another_model_and_serves_with_every_expert(small):

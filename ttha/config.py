@@ -203,6 +203,13 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
     if _number(cfg, "pretrain.expert_drop") >= 1:
         raise ConfigError("pretrain.expert_drop", cfg.pretrain.expert_drop, "must be below 1 (a probability)")
+    drop_bits = OmegaConf.select(cfg, "pretrain.expert_drop_bits", default=None)
+    if drop_bits is not None:
+        if not isinstance(drop_bits, (list, ListConfig)) or not drop_bits or any(b not in VALID_BITS for b in drop_bits):
+            raise ConfigError("pretrain.expert_drop_bits", drop_bits, "must be null or a list of bits (2, 4, 8, 16)")
+        if not set(drop_bits) & set(cfg.experts.bits):
+            raise ConfigError("pretrain.expert_drop_bits", list(drop_bits),
+                              f"no expert of experts.bits={list(cfg.experts.bits)} has these bits")
     if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:
         raise ConfigError("data.test_frac", cfg.data.test_frac, "must be between 0 and 1")
 

@@ -43,6 +43,8 @@ def cache_key(cfg) -> str:
     pre.pop("cache_dir", None)
     if not pre.get("expert_drop"):  # off: the key of checkpoints trained before the option existed
         pre.pop("expert_drop", None)
+    if pre.pop("expert_drop_bits", None) is not None and pre.get("expert_drop"):  # which experts, not which bits
+        pre["expert_drop_experts"] = droppable_experts(cfg)
     pre["seed"] = pretrain_seed(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("dtype", None)  # the serving dtype: training is fp32 / autocast either way
@@ -83,20 +85,37 @@ def evaluate(model: MoELM, stream: torch.Tensor, batch_size: int, seq_len: int, 
     return math.exp(nll / n)
 
 
+def droppable_experts(cfg) -> list[int] | None:
+    """The experts pretrain.expert_drop may hide: those that cfg.experts.bits makes pretrain.expert_drop_bits bits
+    (expert i gets bits[i % len(bits)], as quantize_experts does), or None (every expert) when that is null."""
+    wanted = cfg.pretrain.get("expert_drop_bits")
+    if wanted is None:
+        return None
+    bits, wanted = [int(b) for b in cfg.experts.bits], {int(b) for b in wanted}
+    return [i for i in range(int(cfg.model.n_experts)) if bits[i % len(bits)] in wanted]
+
+
 class ExpertDrop:
     """Pretraining router that hides each expert from a sequence with probability p, in each layer.
 
     Serving steers tokens away from expensive experts (TTHA's bias) and the tokens land on their next choices; a
     model that learned with missing experts has next choices that serve them well, so steering costs less quality
     (and the model with every expert present some). Per sequence, not per token: a serving bias holds for a whole
-    stream. A layer left with fewer than top_k experts keeps them all."""
+    stream. A layer left with fewer than top_k experts keeps them all. experts: only these may be hidden (the ones
+    serving will make expensive: the others are always there, so the gate keeps its use of every expert and the
+    model learns to do without the expensive ones); None: every expert."""
 
-    def __init__(self, p: float, n_layers: int, n_experts: int, top_k: int, gen: torch.Generator):
+    def __init__(self, p: float, n_layers: int, n_experts: int, top_k: int, gen: torch.Generator,
+                 experts: list[int] | None = None):
         self.p, self.shape, self.k, self.gen = p, (n_layers, n_experts), top_k, gen
+        self.may_hide = torch.ones(n_experts, dtype=torch.bool)
+        if experts is not None:
+            self.may_hide = torch.zeros(n_experts, dtype=torch.bool)
+            self.may_hide[list(experts)] = True
         self.hidden = None
 
     def draw(self, batch: int, seq: int, device: torch.device) -> None:
-        hidden = torch.rand((batch, *self.shape), generator=self.gen) < self.p
+        hidden = (torch.rand((batch, *self.shape), generator=self.gen) < self.p) & self.may_hide
         hidden &= (~hidden).sum(-1, keepdim=True) >= self.k  # too few left: that layer keeps all its experts
         self.hidden = hidden.to(device).repeat_interleave(seq, 0)  # [batch * seq, layers, experts]
 
@@ -118,7 +137,7 @@ def train(cfg, corpus: data.Corpus, device: torch.device) -> tuple[MoELM, float]
     drop = None
     if float(p.expert_drop) > 0:
         drop = ExpertDrop(float(p.expert_drop), len(model.moe_layers), model.n_experts, model.moe_layers[0].top_k,
-                          torch.Generator().manual_seed(seed + 1))
+                          torch.Generator().manual_seed(seed + 1), droppable_experts(cfg))
         model.set_router(drop)
     model.train()
     loss_ema = None
