@@ -260,13 +260,18 @@ def make_expert(dense: SimpleExpert, bits: int, group_size: int) -> nn.Module:
     raise ValueError(f"bits={bits}: must be one of 2, 4, 8, 16")
 
 
+def cycled_bits(bits, n_experts: int) -> list[int]:
+    """Each expert's bits under a mix: expert i gets bits[i % len(bits)]."""
+    return [int(bits[i % len(bits)]) for i in range(n_experts)]
+
+
 @torch.no_grad()
 def quantize_experts(model: MoELM, bits: list[int], group_size: int) -> MoELM:
     """Post-training: expert i of every layer gets bits[i % len(bits)] (16 keeps the trained expert)."""
     for layer in model.moe_layers:
-        for i, dense in enumerate(layer.experts):
+        for i, (dense, b) in enumerate(zip(layer.experts, cycled_bits(bits, len(layer.experts)))):
             if isinstance(dense, SimpleExpert):
-                layer.experts[i] = make_expert(dense, int(bits[i % len(bits)]), group_size)
+                layer.experts[i] = make_expert(dense, b, group_size)
     return model
 
 

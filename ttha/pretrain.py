@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ttha import cache, data
 from ttha.config import ConfigError
-from ttha.model import MoELM, next_byte_loss, softmax_topk
+from ttha.model import MoELM, cycled_bits, next_byte_loss, softmax_topk
 from ttha.paths import outputs_root
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ def droppable_experts(cfg) -> list[int] | None:
     wanted = cfg.pretrain.get("expert_drop_bits")
     if wanted is None:
         return None
-    bits, wanted = [int(b) for b in cfg.experts.bits], {int(b) for b in wanted}
-    return [i for i in range(int(cfg.model.n_experts)) if bits[i % len(bits)] in wanted]
+    wanted = {int(b) for b in wanted}
+    return [i for i, b in enumerate(cycled_bits(cfg.experts.bits, int(cfg.model.n_experts))) if b in wanted]
 
 
 class ExpertDrop:
@@ -108,10 +108,9 @@ class ExpertDrop:
     def __init__(self, p: float, n_layers: int, n_experts: int, top_k: int, gen: torch.Generator,
                  experts: list[int] | None = None):
         self.p, self.shape, self.k, self.gen = p, (n_layers, n_experts), top_k, gen
-        self.may_hide = torch.ones(n_experts, dtype=torch.bool)
-        if experts is not None:
-            self.may_hide = torch.zeros(n_experts, dtype=torch.bool)
-            self.may_hide[list(experts)] = True
+        every = torch.arange(n_experts)
+        self.may_hide = torch.ones(n_experts, dtype=torch.bool) if experts is None else torch.isin(
+            every, torch.tensor(experts, dtype=torch.long))
         self.hidden = None
 
     def draw(self, batch: int, seq: int, device: torch.device) -> None:
