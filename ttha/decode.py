@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ttha import kernels
 from ttha.kernels import moe as kmoe
 from ttha.kernels import quant
-from ttha.model import MoEFFN, MoELM, SimpleExpert, next_byte_loss
+from ttha.model import MoEFFN, MoELM, SimpleExpert, cycled_bits, next_byte_loss
 
 GROUPED_BITS = (16, 4, 2)  # what a GroupedExperts stacks
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -59,15 +59,15 @@ def step_bytes(model_cfg, batch_size: int, bits: Sequence[int] = (16,), group_si
                seq_len: int | None = None) -> dict[str, float]:
     """What one decode step reads, in bytes, by kind: 'experts' (expected, see below), 'attention' (qkv and
     output projections), 'kv_cache' (the whole cache is read: the step's shapes are static), 'other' (gates,
-    norms, the head, the B embedding rows). Expert i has bits[i % len(bits)], as quantize_experts assigns them.
+    norms, the head, the B embedding rows). Expert i has the bits quantize_experts assigns it (cycled_bits).
     An expert costs one read of its weights if it gets a token: under uniform routing it gets none with
     probability (1 - k/E)^B, so its bytes count with weight 1 - (1 - k/E)^B."""
     d, f, e, k = int(model_cfg.d_model), int(model_cfg.d_ff), int(model_cfg.n_experts), int(model_cfg.top_k)
     layers, b, v = int(model_cfg.n_layers), int(batch_size), int(model_cfg.vocab_size)
     size = _bytes_per_value(dtype)
     active = 1.0 - (1.0 - k / e) ** b
-    experts = sum(_weight_bytes(f, d, int(bits[i % len(bits)]), group_size, size)
-                  + _weight_bytes(d, f, int(bits[i % len(bits)]), group_size, size) for i in range(e))
+    experts = sum(_weight_bytes(f, d, bi, group_size, size) + _weight_bytes(d, f, bi, group_size, size)
+                  for bi in cycled_bits(bits, e))
     return {"experts": layers * active * experts, "attention": layers * 4 * d * d * size,
             "kv_cache": float(kv_cache_bytes(model_cfg, b, dtype, seq_len)),
             "other": (layers * (e * d + 4 * d) + v * d + 2 * b * d + 2 * d) * size}
