@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -34,13 +35,13 @@ def make_router(name="ttha", objective=None, decode=False, **router_overrides):
                           objective or conf("objective", "default"), targets, "cpu", decode=decode)
 
 
-def serve_step(router, s, latency_ms=10.0, seed=0):
-    """One step: begin_step, route every layer's random gate logits (a fixed gate distribution); a decode
-    router records a decode step of DECODE_B streams, routed as the decoder does."""
+def serve_step(router, s, latency_ms=10.0, seed=0, favour=None):
+    """One step: begin_step, route every layer's random gate logits (a fixed gate distribution; favour: logits
+    added to each expert's); a decode router records a decode step of DECODE_B streams, routed as the decoder does."""
     g = torch.Generator().manual_seed(seed)
     router.begin_step(s, latency_ms)
     if router.decode:
-        logits = torch.randn(LAYERS, DECODE_B, E, generator=g)
+        logits = torch.randn(LAYERS, DECODE_B, E, generator=g) + (0.0 if favour is None else favour)
         idx = topk_route(logits, router.bias, K)[1]
         counts = torch.stack([torch.bincount(i.flatten(), minlength=E) for i in idx])
         router.record_decode(logits, counts)
@@ -151,6 +152,20 @@ def test_repeated_updates_under_tight_power_target_shift_routing_to_cheap_expert
     b = r.bias
     assert b[[1, 2, 4, 5]].mean() > b[[0, 3]].mean()  # cheap experts favoured
     assert float(b.abs().max()) <= r.max_bias
+
+
+@pytest.mark.parametrize("span", [0.0, 4.0])
+def test_decode_updates_move_tokens_off_16bit_experts_that_every_step_reads(span):
+    """Decode, a gate that reads its 16-bit experts in every step: the default secant slope learns to route off
+    them; the local slope (span 0) learns the opposite, onto the experts read anyway (objective.py says why)."""
+    r = make_router(decode=True, cost_bias_scale=0.0, max_drift=None, slope_span=span)
+    hot, favour = sample(power_w=600.0), torch.tensor([1.0 if b == 16 else 0.0 for b in BITS])
+    for step in range(60):
+        serve_step(r, hot, seed=step, favour=favour)
+        r.update_ttha(hot, 10.0, 1.0)
+    serve_step(r, hot, favour=favour)
+    b16, rest = r.bias[[0, 3]].mean(), r.bias[[1, 2, 4, 5]].mean()
+    assert (b16 < rest - 0.1) if span else (b16 > rest + 0.1), r.bias
 
 
 def test_cost_aware_bias_applies_in_proportion_to_strain_and_is_clamped():
@@ -264,15 +279,18 @@ def test_missing_telemetry_reading_is_no_strain():
 @pytest.mark.parametrize("power_w, temp_c, latency_ms", [(450.0, 90.0, 150.0), (250.0, 60.0, 10.0)])
 def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms, decode):
     """update_ttha's closed-form bias gradient equals autograd through ttha_loss (same Adam step); in decode
-    the hardware terms are the expected-activation cost (objective.expected_cost under autograd)."""
+    the hardware terms are the expected-activation cost over the last router.loss_steps gate records."""
     torch.manual_seed(0)
-    a, b = make_router(decode=decode), make_router(decode=decode)
+    a, b = make_router(decode=decode, slope_span=0.0), make_router(decode=decode, slope_span=0.0)  # local slope
     b.adapter.load_state_dict(a.adapter.state_dict())
     with torch.no_grad():  # a non-neutral adapter, so every path of the gradient is exercised
         for r in (a, b):
             r.adapter.net[-1].weight.copy_(torch.linspace(-0.5, 0.5, r.adapter.net[-1].weight.numel()))
     s = sample(power_w=power_w, temp_c=temp_c)
     for r in (a, b):
+        for step in range(1, 4 if decode else 1):  # decode: the loss also reads these updates' gate records
+            serve_step(r, s, latency_ms, seed=step)
+            r.update_ttha(s, latency_ms, 2.0)
         serve_step(r, s, latency_ms)
     reference = a.ttha_loss(s, latency_ms, 2.0)
     a.adapter.zero_grad()
@@ -398,8 +416,8 @@ def test_decode_steps_reuse_a_gate_records_idle_probabilities(monkeypatch):
     updates), and a new record is computed afresh: the biases are those of a router that recomputes each step."""
     from ttha import routing
     calls = []
-    real = routing.activation_np
-    monkeypatch.setattr(routing, "activation_np", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = routing.gate_activation_np
+    monkeypatch.setattr(routing, "gate_activation_np", lambda *a, **k: calls.append(1) or real(*a, **k))
     hot = sample(power_w=600.0)
     torch.manual_seed(0)
     router = make_router(decode=True, update_every=4)
@@ -421,3 +439,18 @@ def test_decode_steps_reuse_a_gate_records_idle_probabilities(monkeypatch):
     serve_step(router, hot, seed=9)
     assert not calls  # the record of step 4 is reused
     assert n_fresh > 0
+
+
+def test_decode_loss_reads_the_last_loss_steps_gate_records():
+    """The decode loss averages over the gate records of the last loss_steps updates: with loss_steps=1 it is
+    one step's cost; with 3, the mean of the three steps' costs, each under the current bias."""
+    hot = sample(power_w=600.0)
+    one, three = (make_router(decode=True, loss_steps=n, lr=1e-12) for n in (1, 3))
+    costs = []
+    for step in range(4):
+        for r in (one, three):
+            serve_step(r, hot, seed=step)
+        costs.append(one.update_ttha(hot, 10.0, 1.0)["power"])
+        got = three.update_ttha(hot, 10.0, 1.0)["power"]
+        assert got == pytest.approx(np.mean(costs[-3:]), rel=1e-4), step
+    assert len(set(np.round(costs, 6))) > 1  # the steps differ, so the window matters

@@ -63,8 +63,10 @@ NON_NEGATIVE = [
     "pretrain.eval_batches", "test.warmup_batches", "ttt.full_lr", "ttt.light_lr",
 ]
 # Keys some options of a group leave out (router=static has no adapter): checked where present.
-OPTIONAL_POSITIVE = ["router.lr", "router.max_bias", "router.loss_tokens", "router.adapter_hidden"]
-OPTIONAL_NON_NEGATIVE = ["router.cost_bias_scale", "router.balancer_alpha", "objective.thermal_threshold_c"]
+OPTIONAL_POSITIVE = ["router.lr", "router.max_bias", "router.loss_tokens", "router.adapter_hidden",
+                     "router.activation_tau", "router.loss_steps"]
+OPTIONAL_NON_NEGATIVE = ["router.cost_bias_scale", "router.balancer_alpha", "router.slope_span",
+                         "objective.thermal_threshold_c"]
 # MLflow's built-in tracking stores ('' is a local folder); network ones are checked with a short connect.
 TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
@@ -201,6 +203,8 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError("tracking.log_every", cfg.tracking.log_every, "must be >= 1 (or null: per workload)")
     if cfg.router.adaptive and _integer(cfg, "router.update_every") < 1:
         raise ConfigError("router.update_every", cfg.router.update_every, "must be >= 1")
+    if _present(cfg, "router.loss_steps"):
+        _integer(cfg, "router.loss_steps")
     if _number(cfg, "pretrain.expert_drop") >= 1:
         raise ConfigError("pretrain.expert_drop", cfg.pretrain.expert_drop, "must be below 1 (a probability)")
     drop_bits = OmegaConf.select(cfg, "pretrain.expert_drop_bits", default=None)
@@ -210,6 +214,11 @@ def _check_values(cfg: DictConfig) -> None:
         if not set(drop_bits) & set(cfg.experts.bits):
             raise ConfigError("pretrain.expert_drop_bits", list(drop_bits),
                               f"no expert of experts.bits={list(cfg.experts.bits)} has these bits")
+    drop_experts, n = OmegaConf.select(cfg, "pretrain.expert_drop_experts", default=None), cfg.model.n_experts
+    if drop_experts is not None and (drop_bits is not None or not isinstance(drop_experts, (list, ListConfig)) or not
+                                     drop_experts or any(not isinstance(i, int) or not 0 <= i < n for i in drop_experts)):
+        raise ConfigError("pretrain.expert_drop_experts", drop_experts, f"must be null or a list of expert indices in "
+                          f"0..{n - 1}, with pretrain.expert_drop_bits null")
     if _present(cfg, "data.test_frac") and not 0 < _number(cfg, "data.test_frac") < 1:
         raise ConfigError("data.test_frac", cfg.data.test_frac, "must be between 0 and 1")
 

@@ -2,12 +2,21 @@
 the quality guard (a bound on how far the router's bias may move routing from what the gate wants).
 
 Expected activation. In decode an expert's weights are read once per step if it gets at least one token, so
-a step costs sum_e P(e activated) * c_e. Top-k routing is taken as k draws per token from the routing
-probabilities p_te, so token t leaves expert e unused with probability (1 - p_te)^k and
-    P(e activated) = 1 - prod_t (1 - p_te)^k = -expm1(k * sum_t log1p(-p_te)).
-The log1p/expm1 form keeps P accurate when every p_te is tiny (1 - prod(...) cancels to 0 there). Its
-gradient, k (1 - p_te)^(k-1) prod_{s != t} (1 - p_se)^k, is computed from products that leave out one token
-(prefix and suffix cumulative products), so it is exact at p = 1, where the log form divides by zero.
+a step costs sum_e P(e activated) * c_e with
+    P(e activated) = 1 - prod_t (1 - p_te) = -expm1(sum_t log1p(-p_te)),
+p_te the probability that token t routes to e. Routing is a deterministic top-k of the routed logits z, so p_te
+is a smoothed top-k inclusion, sigmoid((z_te - theta_t) / tau), theta_t halfway between the token's k-th and
+(k+1)-th largest logit: with tau small against the gate's logit gaps it is the 0/1 of top-k. Reading the
+softmax probabilities as k draws instead (1 - (1 - p)^k) calls an expert that every token gives a few percent
+almost surely activated: on a concentrated gate that is most experts, the loss then sees nothing to save on
+them and learns to move tokens onto them. The log1p/expm1 form keeps P accurate when every p_te is tiny; its
+gradient, prod_{s != t} (1 - p_se), is computed from products that leave out one token (prefix and suffix
+cumulative products), so it is exact at p = 1, where the log form divides by zero.
+
+The decode cost is not convex in the bias: an expert every step reads costs nothing more for more tokens, so its
+local slope says to move tokens onto whatever experts are read anyway (on a gate that reads its 16-bit experts
+in most steps, onto those) and never sees the saving of leaving an expensive expert idle. With span > 0 the
+loss's slope in each expert's bias is the secant over +-span logits of the total, which sees that saving.
 
 Quality guard. The bias b applied to the gate logits moves routing from the gate's probabilities q to
 p = softmax(log q + b). Its cost in quality is measured by the mean KL(q || p) over the step's tokens; the
@@ -78,6 +87,50 @@ def expected_cost(p: torch.Tensor, cost: torch.Tensor, draws: int = 1) -> torch.
     return expected_activation(p, draws) @ cost
 
 
+def topk_inclusion(z: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+    """P(e in token t's top-k) [..., T, E], smoothed, for routed logits z [..., T, E]: sigmoid((z - theta) / tau),
+    theta halfway between each token's k-th and (k+1)-th largest logit (differentiable through both)."""
+    if k >= z.shape[-1]:
+        return torch.ones_like(z)
+    theta = torch.topk(z, k + 1, dim=-1).values[..., k - 1:].mean(-1, keepdim=True)
+    return torch.sigmoid((z - theta) / tau)
+
+
+def topk_inclusion_np(z: np.ndarray, k: int, tau: float):
+    """topk_inclusion in numpy for z [N, E]: (inclusion [N, E], its slope d/dz_te with theta held [N, E], the two
+    experts theta sits between [N, 2]); theta moves by half the change of either one's logit."""
+    n, n_experts = z.shape
+    if k >= n_experts:
+        return np.ones_like(z), np.zeros_like(z), np.zeros((n, 0), dtype=np.int64)
+    edge = np.argsort(-z, axis=1, kind="stable")[:, k - 1:k + 1]
+    theta = np.take_along_axis(z, edge, 1).mean(1, keepdims=True)
+    inclusion = 0.5 * (1.0 + np.tanh((z - theta) / (2.0 * tau)))  # sigmoid without overflow
+    return inclusion, inclusion * (1.0 - inclusion) / tau, edge
+
+
+class GateWindow:
+    """The gate records of a decode router's last updates. One step's tokens count the experts a bias would
+    activate noisily: the loss reads the last `steps` records (this update's and those before it), each under
+    the current bias (the gate's probabilities do not depend on the bias)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.records = int(steps), []
+
+    def read(self, q: np.ndarray, layers: int, keep: bool) -> tuple[np.ndarray, int]:
+        """(gate probs [E, N'] of the records before q and q, oldest first; their layers); keep: q joins them."""
+        earlier = self.records[len(self.records) - self.steps + 1:]
+        if keep:
+            self.records = earlier + [q]
+        return np.concatenate(earlier + [q], axis=1), layers * (len(earlier) + 1)
+
+
+def gate_activation_np(q: np.ndarray, layers: int, k: int, tau: float) -> np.ndarray:
+    """P(e activated) [E] under the gate alone, averaged over the layers, from gate probabilities q [E, N]
+    (layer-major rows): the log of a probability is its logit up to a per-token shift, which top-k ignores."""
+    inclusion = topk_inclusion_np(np.log(np.maximum(q.T, 1e-38)), k, tau)[0]
+    return activation_np(inclusion.reshape(layers, -1, q.shape[0]))[0].mean(0)
+
+
 def cost_features(costs, decode: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """(the adapter's cost features [E, 3], what the loss weighs [E, 3]) from each expert's cost model Cost:
     latency, energy (latency when unknown), throughput, each divided by its maximum. In decode the loss's
@@ -135,22 +188,26 @@ def terms(task, hw, drift) -> dict:
 
 
 def loss_autograd(logits: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor, weights: np.ndarray,
-                  task_weight: float, layers: int | None = None, draws: int = 1):
+                  task_weight: float, layers: int | None = None, top_k: int = 1, tau: float = 0.1):
     """(weighted hardware terms [4], drift) as an autograd graph through bias, for gate logits [N, E].
     layers None: per-token expected cost (mean routed share x feats); else decode: the N rows are `layers`
-    layers' tokens of one step (layer-major) and the expected cost is sum_e P(e activated) x feats, averaged
-    over the layers. The reference that loss_closed_form is tested against."""
+    layers' tokens of one step (layer-major) and the expected cost is sum_e P(e activated) x feats (top-k
+    inclusion at temperature tau), averaged over the layers. The reference loss_closed_form is tested against."""
     log_p = torch.log_softmax(logits + bias, dim=-1)
     p = log_p.exp()
-    share = p.mean(0) if layers is None else expected_activation(p.reshape(layers, -1, p.shape[-1]),
-                                                                 draws).mean(0)
+    if layers is None:
+        share = p.mean(0)
+    else:
+        inclusion = topk_inclusion(logits + bias, top_k, tau)
+        share = expected_activation(inclusion.reshape(layers, -1, p.shape[-1])).mean(0)
     log_q = torch.log_softmax(logits, dim=-1)  # what the gate wants
     drift = task_weight * (log_q.exp() * (log_q - log_p)).sum(-1).mean()  # KL(gate || routed)
     return (share @ feats) @ torch.from_numpy(weights), drift
 
 
 def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights: np.ndarray,
-                     task_weight: float, layers: int | None = None, draws: int = 1):
+                     task_weight: float, layers: int | None = None, top_k: int = 1, tau: float = 0.1,
+                     span: float = 0.0):
     """(hardware terms [4] and drift as floats, d total / d bias [E]) of loss_autograd, in numpy from the gate
     probabilities q [E, N] (experts-major). With e_i = exp(b_i - max b), S_n = sum_i q_in e_i,
     p_in = q_in e_i / S_n = softmax(logits + b), and c = feats @ (weights @ [1, 1, 1, -1]) (the per-expert
@@ -158,7 +215,10 @@ def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights
         drift = task_weight * (mean_n log S_n + max b - b . q_bar),  d drift / d b = task_weight (p_bar - q_bar)
         per token: cost = p_bar . c,  d / d b = p_bar * c - mean_n p_n (p_n . c)
                    with mean_n p_n (p_n . c) = e * mean_n(q_n (e c) . q_n / S_n^2) (q touched in matrix products)
-        decode:    cost = mean_l A_l . c,  d / d b_i = sum_n p_in (g_in - g_n . p_n),  g = c * dA / dp / layers."""
+        decode:    cost = mean_l A_l . c, A from the inclusions s_n = sigmoid((log q_n + b - theta_n) / tau):
+                   d / d b_i = sum_n (h_ni - [i is one of the two experts theta_n sits between] h_n . 1 / 2),
+                   h = c * dA / ds * ds / dz / layers;
+                   span > 0: d / d b_i = (total(b + span u_i) - total(b - span u_i)) / (2 span) instead."""
     b_max = bias.max()
     e = np.exp(bias - b_max)
     c = feats @ (weights @ np.array([1.0, 1.0, 1.0, -1.0], dtype=np.float32))
@@ -172,11 +232,24 @@ def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights
         share = p_bar = e * moments[:, 0]
         grad = p_bar * c - e * moments[:, 1]
     else:
-        p = (q * e[:, None] / s).T  # [N, E], layer-major rows
-        p_bar = p.mean(0)
-        activated, d_act = activation_np(p.reshape(layers, -1, len(e)), draws)
+        z = np.log(np.maximum(q.T, 1e-38))  # the gate's logits up to a per-token shift, which top-k ignores
+        inclusion, slope, edge = topk_inclusion_np(z + bias, top_k, tau)
+        activated, d_act = activation_np(inclusion.reshape(layers, -1, len(e)))
         share = activated.mean(0)
-        g = (d_act * (c / layers)).reshape(p.shape)
-        grad = (p * (g - (g * p).sum(1, keepdims=True))).sum(0)
+        if span > 0:
+            values = [float(v) for v in (share @ feats) @ weights]
+            ends = bias + span * np.concatenate([np.eye(len(e)), -np.eye(len(e))])
+            totals = _decode_costs(z, ends, c, layers, top_k, tau) + task_weight * drift_np(q, ends)
+            return values, drift, (totals[:len(e)] - totals[len(e):]) / (2 * span)
+        p_bar = e * (q @ (1.0 / s)) / q.shape[1]
+        h = d_act.reshape(inclusion.shape) * (c / layers) * slope
+        half = h.sum(1) / 2  # theta's share: it moves by half of either edge expert's logit
+        grad = h.sum(0) - sum(np.bincount(edge[:, j], half, len(e)) for j in range(edge.shape[1]))
     values = [float(v) for v in (share @ feats) @ weights]
     return values, drift, grad + task_weight * (p_bar - q_bar)
+
+
+def _decode_costs(z: np.ndarray, biases: np.ndarray, c: np.ndarray, layers: int, top_k: int, tau: float):
+    """The decode cost mean_l A_l . c [J] of logits z [N, E] (layer-major) under each bias of biases [J, E]."""
+    return np.array([activation_np(topk_inclusion_np(z + b, top_k, tau)[0].reshape(layers, -1, len(b)))[0].mean(0)
+                     @ c for b in biases])

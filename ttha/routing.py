@@ -39,7 +39,8 @@ from ttha.config import option
 from ttha.costs import KernelCostModel, expert_op
 from ttha.model import needs_grad, softmax_topk
 from ttha.runtime import to_host_async
-from ttha.objective import activation_np, cost_features, guard_scale, loss_autograd, loss_closed_form, terms
+from ttha.objective import (GateWindow, cost_features, gate_activation_np, guard_scale, loss_autograd,
+                            loss_closed_form, terms)
 
 RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow up the adapter input
 
@@ -76,13 +77,18 @@ class AdaptiveRouter:
         self.adaptive = self.name == "ttha"
         self.cost_bias_scale = float(option(router_cfg, "cost_bias_scale", 0.0))
         self.max_bias = float(option(router_cfg, "max_bias", 6.0))
+        self.activation_tau = float(option(router_cfg, "activation_tau", 0.1))  # logits: top-k's smoothing
+        self.slope_span = float(option(router_cfg, "slope_span", 2.0))  # decode: the loss's secant, in logits
         drift = option(router_cfg, "max_drift", None)
         self.max_drift = None if drift is None else float(drift)
         if self.max_drift is not None and not self.max_drift >= 0:
             raise ValueError(f"router.max_drift={drift!r}: must be >= 0 (or null: no quality guard)")
         self.loss_tokens = int(option(router_cfg, "loss_tokens", 2048))
-        if self.loss_tokens < 1:
-            raise ValueError(f"router.loss_tokens={self.loss_tokens!r}: must be >= 1")
+        self.loss_steps = int(option(router_cfg, "loss_steps", 8))
+        for key in ("loss_tokens", "loss_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"router.{key}={getattr(self, key)!r}: must be >= 1")
+        self._loss_window = GateWindow(self.loss_steps)  # decode: the gate records the loss reads
         self.obj = {k: float(option(objective_cfg, k, d)) for k, d in (
             ("task_weight", 1.0), ("power_weight", 1.0), ("thermal_weight", 1.0), ("latency_weight", 0.5),
             ("throughput_weight", 0.1), ("thermal_threshold_c", 75.0), ("thermal_boost", 2.0))}
@@ -182,7 +188,7 @@ class AdaptiveRouter:
         idle = None
         if self.decode:  # P(e idle) under the gate alone, averaged over the layers; unknown: every expert idle
             if q is not None and self._idle[0] is not q:  # steps route by one record until the next update
-                self._idle = (q, 1.0 - activation_np(q.T.reshape(layers, -1, self.n_experts), self.top_k)[0].mean(0))
+                self._idle = (q, 1.0 - gate_activation_np(q, layers, self.top_k, self.activation_tau))
             idle = np.ones(self.n_experts, dtype=np.float32) if q is None else self._idle[1]
         raw, saved = self._raw_bias_np(sample, latency_ms, idle)
         return guard_scale(q, raw, self.max_drift), raw, saved, idle
@@ -289,12 +295,9 @@ class AdaptiveRouter:
         return torch.zeros(self.n_experts) if self._bias_np is None else torch.from_numpy(self._bias_np.copy())
 
     def bias_columns(self) -> dict[str, float]:
-        """This step's applied bias per expert and the guard's scale, as record columns (from the host copy: no
-        device sync); none for the static router."""
-        if self._bias_np is None:
-            return {}
-        return {"router/guard_scale": float(self._alpha), **{f"router/bias_{e}": float(b) for e, b in
-                                                             enumerate(self._bias_np)}}
+        """This step's applied bias per expert and the guard's scale, as record columns (host copy: no sync)."""
+        return {} if self._bias_np is None else {"router/guard_scale": float(self._alpha), **{
+            f"router/bias_{e}": float(b) for e, b in enumerate(self._bias_np)}}
 
     @property
     def device_bias(self) -> torch.Tensor | None:
@@ -359,14 +362,18 @@ class AdaptiveRouter:
         (scaled inside the loss, the learned bias would grow without end while its applied part sits on the bound)."""
         logits = self._subsampled_logits().cpu()
         layers = len(self._logits)
-        idle = self._step_bias(sample, latency_ms, (torch.softmax(logits, -1).t().numpy(), layers))[3]
+        q = torch.softmax(logits, -1).t().numpy()
+        idle = self._step_bias(sample, latency_ms, (q, layers))[3]
+        if self.decode:  # a gate's log-probabilities are its logits up to a per-token shift
+            q, layers = self._loss_window.read(q, layers, keep=False)
+            logits = torch.from_numpy(np.log(np.maximum(q.T, 1e-38)))
         bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
             bias = bias + self.adapter(self.cost_features, torch.from_numpy(self._hw_np(sample, latency_ms)))
         bias = (bias - bias.mean()).clamp(-self.max_bias, self.max_bias)
         hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
                                   self._term_weights(sample, latency_ms), self.obj["task_weight"],
-                                  layers if self.decode else None, self.top_k)
+                                  layers if self.decode else None, self.top_k, self.activation_tau)
         return terms(torch.tensor(float(task_loss)), hw, drift)
 
     def update_ttha(self, sample, latency_ms: float, task_loss: float) -> dict[str, float]:
@@ -377,9 +384,12 @@ class AdaptiveRouter:
         (objective.loss_closed_form), in numpy."""
         q, layers = self._gate_probs()
         raw, saved = self._step_bias(sample, latency_ms, (q, layers))[1:3]
+        if self.decode:
+            q, layers = self._loss_window.read(q, layers, keep=True)
         values, drift, grad = loss_closed_form(q, raw, self._loss_np,
                                                self._term_weights(sample, latency_ms), self.obj["task_weight"],
-                                               layers if self.decode else None, self.top_k)
+                                               layers if self.decode else None, self.top_k, self.activation_tau,
+                                               self.slope_span)
         if self.adaptive:
             grad = grad * (np.abs(raw) < self.max_bias)  # none through the clamp
             grad = (grad - grad.mean()).astype(np.float32)  # through the centering
