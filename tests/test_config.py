@@ -43,6 +43,17 @@ def test_expert_drop_bits_names_bits_some_expert_has(compose_cfg, value, problem
     assert (err.value.key, err.value.problem) == ("pretrain.expert_drop_bits", problem)
 
 
+@pytest.mark.parametrize("extra", [["pretrain.expert_drop_experts=[6]"], ["pretrain.expert_drop_experts=[]"],
+                                   ["pretrain.expert_drop_experts=[-1]"], ["pretrain.expert_drop_experts=0"],
+                                   ["pretrain.expert_drop_experts=[0]", "pretrain.expert_drop_bits=[16]"]])
+def test_expert_drop_experts_are_indices_of_the_model_and_exclude_bits(compose_cfg, extra):
+    with pytest.raises(ConfigError) as err:
+        config.validate(compose_cfg("pretrain.expert_drop=0.3", *extra))
+    assert str(err.value).startswith("pretrain.expert_drop_experts=")
+    assert err.value.problem == "must be null or a list of expert indices in 0..5, with pretrain.expert_drop_bits null"
+    config.validate(compose_cfg("pretrain.expert_drop=0.3", "pretrain.expert_drop_experts=[0,5]", "experts=int2"))
+
+
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_model_parameters_counts_what_moelm_builds(compose_cfg, model):
     m = compose_cfg(f"model={model}").model

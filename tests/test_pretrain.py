@@ -66,6 +66,9 @@ def test_cache_key_follows_what_changes_the_weights(compose_cfg, tmp_path):
     # the experts it may hide make the key, not the bits: another mix hides other experts
     assert key("pretrain.expert_drop=0.1", "pretrain.expert_drop_bits=[16]", "experts.bits=[4,16,2]") != only_16
     assert key("pretrain.expert_drop=0.1", "pretrain.expert_drop_bits=[16]", "experts.bits=[16,4,2,16,4,2]") == only_16
+    # named by index, the same model serves another mix (the all-int2 bound of a model that hides mixed's 16-bit ones)
+    assert key("pretrain.expert_drop=0.1", "pretrain.expert_drop_experts=[3,0]", "experts=int2") == only_16
+    assert key("pretrain.expert_drop_experts=[0,3]") == base
     # serving choices and where the cache lives do not retrain
     assert key(f"pretrain.cache_dir={tmp_path / 'elsewhere'}", "experts=int2", "router=static",
                "model.dtype=bf16") == base
@@ -100,6 +103,8 @@ def test_expert_drop_bits_hides_only_the_experts_the_mix_makes_that_precision(co
     assert pretrain.droppable_experts(cfg) == [1, 2, 4, 5, 7]
     cfg.pretrain.expert_drop_bits = None
     assert pretrain.droppable_experts(cfg) is None
+    cfg.pretrain.expert_drop_experts = [6, 0, 3]  # by index: whatever the mix
+    assert pretrain.droppable_experts(cfg) == [0, 3, 6]
     batch, seq = 2000, 2
     drop = pretrain.ExpertDrop(0.4, 2, 8, 2, torch.Generator().manual_seed(0), [0, 3, 6])
     drop.draw(batch, seq, CPU)

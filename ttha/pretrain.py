@@ -43,7 +43,8 @@ def cache_key(cfg) -> str:
     pre.pop("cache_dir", None)
     if not pre.get("expert_drop"):  # off: the key of checkpoints trained before the option existed
         pre.pop("expert_drop", None)
-    if pre.pop("expert_drop_bits", None) is not None and pre.get("expert_drop"):  # which experts, not which bits
+    pre.pop("expert_drop_bits", None), pre.pop("expert_drop_experts", None)
+    if pre.get("expert_drop") and droppable_experts(cfg) is not None:  # which experts, however they were named
         pre["expert_drop_experts"] = droppable_experts(cfg)
     pre["seed"] = pretrain_seed(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -86,8 +87,11 @@ def evaluate(model: MoELM, stream: torch.Tensor, batch_size: int, seq_len: int, 
 
 
 def droppable_experts(cfg) -> list[int] | None:
-    """The experts pretrain.expert_drop may hide: those that cfg.experts.bits makes pretrain.expert_drop_bits bits
-    (expert i gets bits[i % len(bits)], as quantize_experts does), or None (every expert) when that is null."""
+    """The experts pretrain.expert_drop may hide: pretrain.expert_drop_experts, or those that cfg.experts.bits makes
+    pretrain.expert_drop_bits bits (expert i gets bits[i % len(bits)], as quantize_experts does), or None (every
+    expert) when both are null. Indices let a model trained to hide the 16-bit experts of one mix serve another."""
+    if cfg.pretrain.get("expert_drop_experts") is not None:
+        return sorted({int(i) for i in cfg.pretrain.expert_drop_experts})
     wanted = cfg.pretrain.get("expert_drop_bits")
     if wanted is None:
         return None
