@@ -97,13 +97,12 @@ def topk_inclusion(z: torch.Tensor, k: int, tau: float) -> torch.Tensor:
 
 
 def topk_inclusion_np(z: np.ndarray, k: int, tau: float):
-    """topk_inclusion in numpy for z [N, E]: (inclusion [N, E], its slope d/dz_te with theta held [N, E], the two
-    experts theta sits between [N, 2]); theta moves by half the change of either one's logit."""
-    n, n_experts = z.shape
-    if k >= n_experts:
-        return np.ones_like(z), np.zeros_like(z), np.zeros((n, 0), dtype=np.int64)
-    edge = np.argsort(-z, axis=1, kind="stable")[:, k - 1:k + 1]
-    theta = np.take_along_axis(z, edge, 1).mean(1, keepdims=True)
+    """topk_inclusion in numpy for z [..., E]: (inclusion [..., E], its slope d/dz_te with theta held [..., E], the
+    two experts theta sits between [..., 2]); theta moves by half the change of either one's logit."""
+    if k >= z.shape[-1]:
+        return np.ones_like(z), np.zeros_like(z), np.zeros(z.shape[:-1] + (0,), dtype=np.int64)
+    edge = np.argsort(-z, axis=-1, kind="stable")[..., k - 1:k + 1]
+    theta = np.take_along_axis(z, edge, -1).mean(-1, keepdims=True)
     inclusion = 0.5 * (1.0 + np.tanh((z - theta) / (2.0 * tau)))  # sigmoid without overflow
     return inclusion, inclusion * (1.0 - inclusion) / tau, edge
 
@@ -233,14 +232,15 @@ def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights
         grad = p_bar * c - e * moments[:, 1]
     else:
         z = np.log(np.maximum(q.T, 1e-38))  # the gate's logits up to a per-token shift, which top-k ignores
+        if span > 0:
+            ends = bias + span * np.concatenate([np.eye(len(e)), -np.eye(len(e)), np.zeros((1, len(e)))])
+            activated = _decode_activation(z, ends, layers, top_k, tau)
+            totals = activated[:-1] @ c + task_weight * drift_np(q, ends[:-1])
+            values = [float(v) for v in (activated[-1] @ feats) @ weights]
+            return values, drift, (totals[:len(e)] - totals[len(e):]) / (2 * span)
         inclusion, slope, edge = topk_inclusion_np(z + bias, top_k, tau)
         activated, d_act = activation_np(inclusion.reshape(layers, -1, len(e)))
         share = activated.mean(0)
-        if span > 0:
-            values = [float(v) for v in (share @ feats) @ weights]
-            ends = bias + span * np.concatenate([np.eye(len(e)), -np.eye(len(e))])
-            totals = _decode_costs(z, ends, c, layers, top_k, tau) + task_weight * drift_np(q, ends)
-            return values, drift, (totals[:len(e)] - totals[len(e):]) / (2 * span)
         p_bar = e * (q @ (1.0 / s)) / q.shape[1]
         h = d_act.reshape(inclusion.shape) * (c / layers) * slope
         half = h.sum(1) / 2  # theta's share: it moves by half of either edge expert's logit
@@ -249,7 +249,14 @@ def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights
     return values, drift, grad + task_weight * (p_bar - q_bar)
 
 
-def _decode_costs(z: np.ndarray, biases: np.ndarray, c: np.ndarray, layers: int, top_k: int, tau: float):
-    """The decode cost mean_l A_l . c [J] of logits z [N, E] (layer-major) under each bias of biases [J, E]."""
-    return np.array([activation_np(topk_inclusion_np(z + b, top_k, tau)[0].reshape(layers, -1, len(b)))[0].mean(0)
-                     @ c for b in biases])
+def _decode_activation(z: np.ndarray, biases: np.ndarray, layers: int, top_k: int, tau: float) -> np.ndarray:
+    """P(e activated) averaged over the layers [J, E] of logits z [N, E] (layer-major) under each bias [J, E]:
+    the values of topk_inclusion_np and activation_np, without their slopes or the sort's indices."""
+    routed = (z[None] + biases[:, None, :]).reshape(len(biases), layers, -1, z.shape[1])
+    if top_k >= z.shape[1]:
+        return np.ones((len(biases), z.shape[1]))
+    edges = -np.partition(-routed, (top_k - 1, top_k), axis=-1)
+    theta = (edges[..., top_k - 1:top_k] + edges[..., top_k:top_k + 1]) / 2
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf: an expert some token surely takes is activated
+        idle = np.log1p(-0.5 * (1.0 + np.tanh((routed - theta) / (2.0 * tau)))).sum(-2)
+    return -np.expm1(idle).mean(1)
