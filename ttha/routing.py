@@ -380,8 +380,8 @@ class AdaptiveRouter:
         """One Adam step of the adapter on the TTHA loss of the last routing staged by stage(), or of this
         step's recorded routing when none is staged; no model forward. Returns the terms as floats. The static
         router computes the terms and learns nothing. sample and latency_ms are the readings the staged step
-        was routed under. Same values and gradient as ttha_loss, in closed form from the gate probabilities
-        (objective.loss_closed_form), in numpy."""
+        was routed under. Same values as ttha_loss, in closed form from the gate probabilities
+        (objective.loss_closed_form), in numpy; its gradient too, but in decode with slope_span > 0 its secant."""
         q, layers = self._gate_probs()
         raw, saved = self._step_bias(sample, latency_ms, (q, layers))[1:3]
         if self.decode:
