@@ -126,8 +126,7 @@ class GateWindow:
 def gate_activation_np(q: np.ndarray, layers: int, k: int, tau: float) -> np.ndarray:
     """P(e activated) [E] under the gate alone, averaged over the layers, from gate probabilities q [E, N]
     (layer-major rows): the log of a probability is its logit up to a per-token shift, which top-k ignores."""
-    inclusion = topk_inclusion_np(np.log(np.maximum(q.T, 1e-38)), k, tau)[0]
-    return activation_np(inclusion.reshape(layers, -1, q.shape[0]))[0].mean(0)
+    return _decode_activation(np.log(np.maximum(q.T, 1e-38)), np.zeros((1, q.shape[0])), layers, k, tau)[0]
 
 
 def cost_features(costs, decode: bool = False) -> tuple[torch.Tensor, np.ndarray]:
