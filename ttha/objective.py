@@ -251,9 +251,9 @@ def loss_closed_form(q: np.ndarray, bias: np.ndarray, feats: np.ndarray, weights
 def _decode_activation(z: np.ndarray, biases: np.ndarray, layers: int, top_k: int, tau: float) -> np.ndarray:
     """P(e activated) averaged over the layers [J, E] of logits z [N, E] (layer-major) under each bias [J, E]:
     the values of topk_inclusion_np and activation_np, without their slopes or the sort's indices."""
-    routed = (z[None] + biases[:, None, :]).reshape(len(biases), layers, -1, z.shape[1])
     if top_k >= z.shape[1]:
         return np.ones((len(biases), z.shape[1]))
+    routed = (z[None] + biases[:, None, :]).reshape(len(biases), layers, -1, z.shape[1])
     edges = -np.partition(-routed, (top_k - 1, top_k), axis=-1)
     theta = (edges[..., top_k - 1:top_k] + edges[..., top_k:top_k + 1]) / 2
     with np.errstate(divide="ignore"):  # log1p(-1) = -inf: an expert some token surely takes is activated

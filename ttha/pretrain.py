@@ -44,8 +44,9 @@ def cache_key(cfg) -> str:
     if not pre.get("expert_drop"):  # off: the key of checkpoints trained before the option existed
         pre.pop("expert_drop", None)
     pre.pop("expert_drop_bits", None), pre.pop("expert_drop_experts", None)
-    if pre.get("expert_drop") and droppable_experts(cfg) is not None:  # which experts, however they were named
-        pre["expert_drop_experts"] = droppable_experts(cfg)
+    hidden = droppable_experts(cfg)
+    if pre.get("expert_drop") and hidden is not None:  # which experts, however they were named
+        pre["expert_drop_experts"] = hidden
     pre["seed"] = pretrain_seed(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("dtype", None)  # the serving dtype: training is fp32 / autocast either way
@@ -112,9 +113,8 @@ class ExpertDrop:
     def __init__(self, p: float, n_layers: int, n_experts: int, top_k: int, gen: torch.Generator,
                  experts: list[int] | None = None):
         self.p, self.shape, self.k, self.gen = p, (n_layers, n_experts), top_k, gen
-        every = torch.arange(n_experts)
-        self.may_hide = torch.ones(n_experts, dtype=torch.bool) if experts is None else torch.isin(
-            every, torch.tensor(experts, dtype=torch.long))
+        self.may_hide = torch.zeros(n_experts, dtype=torch.bool)
+        self.may_hide[slice(None) if experts is None else experts] = True
         self.hidden = None
 
     def draw(self, batch: int, seq: int, device: torch.device) -> None:
