@@ -46,6 +46,14 @@ def test_decode_serves_the_same_bytes_as_the_batch_workload(tmp_path, cache_dir,
     assert len(rows) == 3 * 32 and [int(r["step"]) for r in rows] == list(range(96))
     assert 0 < decode["eval/p50_latency_ms"] <= decode["eval/p99_latency_ms"]
     assert decode["eval/tokens_per_s"] == pytest.approx(4 * 1000.0, rel=0.02)  # paced: 1000 steps/s x 4 streams
+    assert float(rows[-1]["eval/energy_j"]) == pytest.approx(decode["eval/energy_per_token_j"] * 96 * 4, rel=1e-9)
+    # the second half's figures: its 48 steps x 4 streams, and the energy the run spent over them
+    late = rows[48:]
+    assert decode["eval/late_perplexity"] == pytest.approx(
+        math.exp(np.mean([float(r["eval/batch_loss"]) for r in late])), rel=1e-9)
+    assert decode["eval/late_mean_power_w"] == pytest.approx(np.mean([float(r["telemetry/power_w"]) for r in late]))
+    grown = float(rows[-1]["eval/energy_j"]) - float(rows[47]["eval/energy_j"])
+    assert grown > 0 and decode["eval/late_energy_per_token_j"] == pytest.approx(grown / (48 * 4), rel=1e-9)
     # MLflow gets one point per 16 decode steps (the window's mean, at its last step); steps.csv keeps every step
     client, (run,) = runs(tmp_path / "decode")
     history = sorted(client.get_metric_history(run.info.run_id, "telemetry/power_w"), key=lambda m: m.step)

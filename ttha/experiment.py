@@ -33,7 +33,8 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> None:
     keys = ["eval/perplexity", "eval/tokens_per_s", "eval/energy_per_token_j", "eval/mean_power_w",
             "eval/p50_latency_ms", "eval/p99_latency_ms", "eval/max_temp_c", "eval/time_over_power_target_frac",
-            "eval/time_over_temp_target_frac", "ttt/skip_frac", "ttt/light_frac", "overhead/ttt_frac",
+            "eval/time_over_temp_target_frac", "eval/late_perplexity", "eval/late_mean_power_w",
+            "eval/late_energy_per_token_j", "ttt/skip_frac", "ttt/light_frac", "overhead/ttt_frac",
             "overhead/telemetry_frac", "overhead/logging_frac", "overhead/ttha_update_frac", "overhead/ttha_host_frac",
             "overhead/router_bias_frac"]
     keys += sorted(k for k in summary if k.startswith("experts/mean_activated_"))  # decode: what the steps read
@@ -42,7 +43,7 @@ def print_summary(cfg: DictConfig, summary: dict, info: dict, source: str) -> No
              f"stress={cfg.stress.kind} workload={cfg.workload.kind} ttt={cfg.ttt.policy}",
              f"{'pretrain/test_perplexity'.ljust(width)}  {info['test_perplexity']:.4g}"
              f"   (byte-unigram {info['unigram_perplexity']:.4g})"]
-    lines += [f"{k.ljust(width)}  {summary[k]:.4g}" for k in keys]
+    lines += [f"{k.ljust(width)}  {summary[k]:.4g}" for k in keys if k in summary]
     print("\n".join(lines), flush=True)
 
 

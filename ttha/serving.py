@@ -249,7 +249,7 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
         nll_sum, ntok = nll_sum + nll, ntok + n
         row = {"step": step, "t": t_end - t_meas0, "latency_ms": latency_ms, "ttt/reason": reason,
-               "ttt/mode": TTT_CODE[mode], "eval/batch_loss": nll / n}
+               "ttt/mode": TTT_CODE[mode], "eval/batch_loss": nll / n, "eval/energy_j": s.monitor.energy_j() - energy0}
         record(s, clock, rows, row, shared_columns(s, sample, sample.energy_j - read_energy0, usage), terms)
         clock.count(exposed)
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
@@ -290,8 +290,24 @@ def summarize(s: Serving, rows: list[dict], nll_sum: float, ntok: int, seconds: 
         "overhead/router_bias_frac": clock.fraction("bias"),
         "telemetry/read_errors": float(getattr(s.monitor, "error_count", 0)),
     }
+    summary.update(late_half(rows, ntok))
     for e in range(s.sim_work.n_experts):
         summary[f"experts/mean_usage_{e}"] = float(np.mean([r[f"experts/usage_{e}"] for r in rows]))
     for key in sorted({k for k in rows[0] if k.startswith("experts/activated_")}):  # decode
         summary[key.replace("experts/", "experts/mean_")] = float(np.mean([r[key] for r in rows]))
     return summary
+
+
+def late_half(rows: list[dict], ntok: int) -> dict:
+    """Perplexity, mean power and energy per token over the records' second half. By then TTHA's adapter has
+    learned, and every router serves the same bytes there: its settled trade-off, apart from the transient of its
+    learning, which the whole-run metrics include. Every record covers the same number of tokens; eval/energy_j is
+    the run's energy when a record's step ended."""
+    h = len(rows) // 2
+    if h == 0:
+        return {}
+    late, tokens = rows[h:], ntok * (len(rows) - h) / len(rows)
+    energy = late[-1]["eval/energy_j"] - rows[h - 1]["eval/energy_j"]
+    return {"eval/late_perplexity": math.exp(float(np.mean([r["eval/batch_loss"] for r in late]))),
+            "eval/late_mean_power_w": float(np.mean([r["telemetry/power_w"] for r in late])),
+            "eval/late_energy_per_token_j": energy / max(tokens, 1)}

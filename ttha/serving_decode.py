@@ -136,10 +136,12 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
 
             rates = activation_rates(counts, bits)  # [n] a precision: the replay's steps at once
             shared = shared_columns(s, sample, sample.energy_j - read_energy0, usage)
+            energy_j = s.monitor.energy_j() - energy0  # the run's energy when the replay ended
             for j in range(n):  # a record per step; the replay's TTT decision and loss terms on its last
                 nll_sum, ntok = nll_sum + nll[j], ntok + B
                 step_row = {"step": first + j, "t": t_end - t_meas0, "latency_ms": float(latencies[j]),
-                            "eval/batch_loss": nll[j] / B, **{k: float(v[j]) for k, v in rates.items()},
+                            "eval/batch_loss": nll[j] / B, "eval/energy_j": energy_j,
+                            **{k: float(v[j]) for k, v in rates.items()},
                             **(row if j == n - 1 else {})}
                 record(s, clock, rows, step_row, shared, terms if j == n - 1 else {})
             clock.count(exposed)
