@@ -255,12 +255,11 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
         bar.set_postfix(power=f"{sample.power_w:.0f}W", temp=f"{sample.temp_c:.0f}C", ttt=mode, refresh=False)
 
     elapsed, wall = run_clock.now() - t_meas0, time.perf_counter() - wall0
-    energy = s.monitor.energy_j() - energy0
-    return rows, summarize(s, rows, nll_sum, ntok, (elapsed, wall), energy, clock)
+    return rows, summarize(s, rows, nll_sum, ntok, (elapsed, wall), clock)
 
 
 def summarize(s: Serving, rows: list[dict], nll_sum: float, ntok: int, seconds: tuple[float, float],
-             energy_j: float, clock: StepClock) -> dict:
+              clock: StepClock) -> dict:
     """The run's summary metrics from its measured steps. seconds = (on the run's clock, on the wall clock):
     under sim telemetry tokens/s is in simulated seconds, like every hardware metric; the wall-clock rate (the
     host's speed) is reported beside it and feeds no decision."""
@@ -272,7 +271,7 @@ def summarize(s: Serving, rows: list[dict], nll_sum: float, ntok: int, seconds: 
         "eval/perplexity": math.exp(nll_sum / max(ntok, 1)),
         "eval/tokens_per_s": ntok / max(seconds[0], 1e-12),
         "eval/wall_tokens_per_s": ntok / max(seconds[1], 1e-12),
-        "eval/energy_per_token_j": energy_j / max(ntok, 1),
+        "eval/energy_per_token_j": rows[-1]["eval/energy_j"] / max(ntok, 1),  # the run's energy at its end
         "eval/mean_power_w": float(power.mean()),
         "eval/max_temp_c": float(temp.max()),
         "eval/time_over_power_target_frac": float((power > s.cfg.targets.power_w).mean()),

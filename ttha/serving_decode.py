@@ -150,5 +150,4 @@ def serve(s: Serving) -> tuple[list[dict], dict]:
     bar.close()
 
     elapsed, wall = run_clock.now() - t_meas0, time.perf_counter() - wall0
-    energy = s.monitor.energy_j() - energy0
-    return rows, summarize(s, rows, nll_sum, ntok, (elapsed, wall), energy, clock)
+    return rows, summarize(s, rows, nll_sum, ntok, (elapsed, wall), clock)
