@@ -99,6 +99,16 @@ def test_a_bad_tracking_plots_is_refused_by_validate(compose_cfg, value):
     assert str(err.value).endswith(": must be all, timeline or none (true = all, false = none)")
 
 
+@pytest.mark.parametrize("value", ["banana", "1", "null"])
+def test_router_per_expert_is_a_bool(compose_cfg, value):
+    cfg = compose_cfg("router=ttha", f"router.per_expert={value}")
+    if value == "null":  # left out: no per-expert input
+        return config.validate(cfg)
+    with pytest.raises(ConfigError) as err:
+        config.validate(cfg)
+    assert str(err.value) == f"router.per_expert={cfg.router.per_expert!r}: must be true or false"
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(compose_cfg, tmp_path, preset):
     """A bad value in a GPU preset would fail its first run on the device; here it fails on the CPU (GPU telemetry

@@ -275,13 +275,28 @@ def test_missing_telemetry_reading_is_no_strain():
     assert all(math.isfinite(v) for v in terms.values()) and terms["power"] == 0.0
 
 
-@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_per_expert_input_lets_same_precision_experts_learn_apart(per_expert):
+    """Decode, two int4 experts, one the gate picks often (1), one it seldom picks (4): from cost features alone
+    they share a bias; with the expert's id as an input the adapter idles the seldom-read one, whose read is the
+    one that routing can save."""
+    r = make_router(decode=True, cost_bias_scale=0.0, max_drift=None, per_expert=per_expert)
+    hot, favour = sample(power_w=600.0), torch.tensor([1.0, 1.5, 0.0, 1.0, -1.5, 0.0])
+    for step in range(60):
+        serve_step(r, hot, seed=step, favour=favour)
+        r.update_ttha(hot, 10.0, 1.0)
+    serve_step(r, hot, favour=favour)
+    b = r.bias
+    assert (b[4] < b[1] - 0.5) if per_expert else torch.equal(b[[1, 2]], b[[4, 5]]), b
+
+
+@pytest.mark.parametrize("decode, per_expert", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("power_w, temp_c, latency_ms", [(450.0, 90.0, 150.0), (250.0, 60.0, 10.0)])
-def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms, decode):
+def test_update_uses_the_exact_gradient_of_the_loss(power_w, temp_c, latency_ms, decode, per_expert):
     """update_ttha's closed-form bias gradient equals autograd through ttha_loss (same Adam step); in decode
     the hardware terms are the expected-activation cost over the last router.loss_steps gate records."""
     torch.manual_seed(0)
-    a, b = make_router(decode=decode, slope_span=0.0), make_router(decode=decode, slope_span=0.0)  # local slope
+    a, b = (make_router(decode=decode, slope_span=0.0, per_expert=per_expert) for _ in range(2))  # local slope
     b.adapter.load_state_dict(a.adapter.state_dict())
     with torch.no_grad():  # a non-neutral adapter, so every path of the gradient is exercised
         for r in (a, b):

@@ -158,6 +158,8 @@ def _check_values(cfg: DictConfig) -> None:
     for key in NON_NEGATIVE + [k for k in OPTIONAL_NON_NEGATIVE if _present(cfg, k)]:
         if _number(cfg, key) < 0:
             raise ConfigError(key, _get(cfg, key), "must be >= 0")
+    if _present(cfg, "router.per_expert") and not isinstance(_get(cfg, "router.per_expert"), bool):
+        raise ConfigError("router.per_expert", _get(cfg, "router.per_expert"), "must be true or false")
     for key in ("seed", "pretrain.seed"):  # numpy takes seeds in [0, 2**32)
         if key == "seed" or _present(cfg, key):
             if not 0 <= _integer(cfg, key) < 2**32:

@@ -6,24 +6,23 @@ The router plugs into MoELM.set_router: (gate logits [T, E] fp32, layer) -> (wei
 For router.name == 'ttha' the bias is
 
     alpha x clamp(center(adapter bias + cost bias))
-    adapter bias   TTHAAdapter(cost features [E, C], hardware features [H]) -> [E], learned online
+    adapter bias   TTHAAdapter(cost features [E, C] (+ one-hot expert id with router.per_expert), hardware
+                   features [H]) -> [E], learned online; without the id, experts of one precision share a bias
     cost bias      -cost_bias_scale * (s_power * energy_e + s_temp * energy_e + s_latency * latency_e)
     alpha          the quality guard: the largest scale in [0, 1] that keeps the mean KL(gate || routed) of
                    the last recorded gate probabilities within router.max_drift
 
-center() subtracts the mean over experts: routing is blind to a shift common to every expert (softmax and
-top-k), so without it the adapter's common mode drifts freely under Adam until every expert sits on the clamp,
-where routing is static and no gradient passes. s_x = max(0, reading / target - 1) (how far a reading is over
-its target) and energy_e, latency_e are the expert's costs from the KernelCostModel, normalised by the most
-expensive expert: per token for the batch workloads, per activation (one read of its weights) in decode, where
-the cost bias is further scaled by how likely the expert is to be idle in the step (waking an idle expert costs
-its read, adding a token to one that is read anyway costs about nothing). The static router adds no bias.
+center() subtracts the mean over experts: routing is blind to a common shift, which would otherwise drift under
+Adam until every expert sits on the clamp. s_x = max(0, reading / target - 1); energy_e, latency_e are the
+expert's costs (KernelCostModel) over the most expensive expert's: per token in batches, per activation (a read
+of its weights) in decode, there x P(e idle) (waking an idle expert costs its read, one more token about nothing).
+The static router adds no bias.
 
 The TTHA loss (update_ttha) carries gradient only through the routing probabilities the adapter controls:
 each hardware term is (a constant over-target factor) x (expected cost under the soft routing: per-token
 share x cost in batches, sum_e P(e activated) * c_e in decode; objective.py), plus a drift term KL(gate ||
-routed) that keeps quality. The adapter and its loss live on the CPU in numpy (a few hundred parameters: a GPU
-would spend its time on launches and syncs); stage() queues the step's one device-to-host copy.
+routed) that keeps quality. The adapter and its loss run in numpy on the CPU (a few hundred parameters: a GPU
+would spend its time on launches); stage() queues the step's one device-to-host copy.
 """
 from __future__ import annotations
 
@@ -48,10 +47,9 @@ RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow u
 def _reading(value) -> float:
     """A telemetry reading as a float; NaN/None (no sample yet, a failed read) counts as 0 = no strain."""
     try:
-        value = float(value)
+        return float(value) if math.isfinite(float(value)) else 0.0
     except (TypeError, ValueError):
         return 0.0
-    return value if math.isfinite(value) else 0.0
 
 
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +98,12 @@ class AdaptiveRouter:
         self.balancer = ExpertLoadBalancer(self.n_experts, float(option(router_cfg, "balancer_alpha", 0.1)))
 
         self._cost_batch = None  # per-expert tokens the cost features were computed for
+        per_expert = bool(option(router_cfg, "per_expert", False))  # config.validate checks it is a bool
+        self._expert_id = np.eye(self.n_experts, dtype=np.float32)[:, :self.n_experts * per_expert]
         self.cost_features = self._decode_cost_features() if self.decode else self._expert_cost_features(64.0)
         self.adapter = self.optimizer = None
         if self.adaptive:
-            self.adapter = TTHAAdapter(len(COST_FEATURES), len(HW_FEATURES),
+            self.adapter = TTHAAdapter(len(COST_FEATURES) + self._expert_id.shape[1], len(HW_FEATURES),
                                        int(option(router_cfg, "adapter_hidden", 32)))
             self.optimizer = HostAdam(self.adapter.parameters(), float(option(router_cfg, "lr", 0.05)))
             self._adapter_params = list(self.adapter.parameters())
@@ -125,6 +125,7 @@ class AdaptiveRouter:
     def _features(self, costs) -> torch.Tensor:
         self.cost_features, self._loss_np = cost_features(costs, self.decode)  # CPU, like the adapter
         self._cost_np = self.cost_features.numpy()
+        self._adapter_np = np.concatenate([self._cost_np, self._expert_id], 1)  # the adapter's expert inputs
         return self.cost_features
 
     def _expert_cost_features(self, tokens_per_expert: float) -> torch.Tensor:
@@ -176,7 +177,7 @@ class AdaptiveRouter:
         """(clamped adapter + cost bias [E], the adapter's saved forward or None), before the guard."""
         bias, saved = self._cost_bias_np(self.over_target(sample, latency_ms), idle), None
         if self.adaptive:
-            adapter_bias, saved = self.adapter.forward_np(self._cost_np, self._hw_np(sample, latency_ms))
+            adapter_bias, saved = self.adapter.forward_np(self._adapter_np, self._hw_np(sample, latency_ms))
             bias = bias + adapter_bias
         return np.clip(bias - bias.mean(), -self.max_bias, self.max_bias), saved
 
@@ -369,7 +370,8 @@ class AdaptiveRouter:
             logits = torch.from_numpy(np.log(np.maximum(q.T, 1e-38)))
         bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
-            bias = bias + self.adapter(self.cost_features, torch.from_numpy(self._hw_np(sample, latency_ms)))
+            hw = torch.from_numpy(self._hw_np(sample, latency_ms))
+            bias = bias + self.adapter(torch.from_numpy(self._adapter_np), hw)
         bias = (bias - bias.mean()).clamp(-self.max_bias, self.max_bias)
         hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
                                   self._term_weights(sample, latency_ms), self.obj["task_weight"],
