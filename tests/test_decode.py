@@ -80,10 +80,11 @@ def worst(out, ref, steps=STEPS):
     return err
 
 
-@pytest.mark.parametrize("bits", [[16], [16, 4, 2], [16, 8]])
+@pytest.mark.parametrize("bits", [[16], [16, 4, 2], [16, 8], [2], [4, 2]])
 def test_teacher_forced_decode_equals_full_forward_fp32(bits):
     """fp32 (the CPU default): every stream's logits at every step equal the full forward's at that position,
-    streams at different positions restarting at different steps; fp8 runs through the expert modules."""
+    streams at different positions restarting at different steps; fp32 and fp8 experts, and quantized ones in an
+    fp32 model (the bounds' experts=int2 on a CPU), run through the expert modules."""
     model = tiny_model(bits)
     seqs = sequences()
     ref, _ = full_forward_logits(model, seqs)

@@ -81,14 +81,14 @@ def expert_byte_share(model_cfg, batch_size: int, bits: Sequence[int] = (16,), g
 
 
 def grouped_experts(layer: MoEFFN) -> kmoe.GroupedExperts | None:
-    """The layer's experts stacked per precision, or None when it has one the stacks cannot hold (fp8, or fp32
-    16-bit weights). The model's experts become views of the stacks: no second copy of the weights, and
-    test-time training, which updates them in place, updates what the decode step reads."""
+    """The layer's experts stacked per precision, or None when it has one the stacks cannot hold (fp8) or the
+    model is not 16-bit (the grouped kernels compute in the 16-bit dtype, quantized experts too). The model's
+    experts become views of the stacks: no second copy of the weights, and test-time training, which updates
+    them in place, updates what the decode step reads."""
     experts = list(layer.experts)
     if any(getattr(ex, "bits", None) not in GROUPED_BITS for ex in experts):
         return None
-    if any(isinstance(ex, SimpleExpert) and ex.w1.weight.dtype not in (torch.bfloat16, torch.float16)
-           for ex in experts):
+    if layer.gate.weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     parts = [(ex.w1.weight.detach(), ex.w2.weight.detach()) if isinstance(ex, SimpleExpert)
              else (ex.qweight("w1"), ex.qweight("w2")) for ex in experts]
