@@ -67,4 +67,4 @@ def test_the_decode_tradeoff_sweep_serves_ttha_in_decode_over_a_preset(compose_c
     cfg = compose_cfg("experiment=decode_h200", "sweep=decode_tradeoff", hydra=True)
     assert (cfg.router.name, cfg.workload.kind, cfg.model.name) == ("ttha", "decode", "decode")
     assert set(cfg.hydra.sweeper.params) == {"router.max_drift", "objective.power_weight", "router.max_bias",
-                                              "router.slope_span", "targets.power_w"}
+                                              "router.slope_span", "router.per_expert", "targets.power_w"}
