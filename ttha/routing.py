@@ -47,9 +47,10 @@ RATIO_CLAMP = 4.0  # hardware ratios are clamped so a wild reading cannot blow u
 def _reading(value) -> float:
     """A telemetry reading as a float; NaN/None (no sample yet, a failed read) counts as 0 = no strain."""
     try:
-        return float(value) if math.isfinite(float(value)) else 0.0
+        value = float(value)
     except (TypeError, ValueError):
         return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def topk_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ class AdaptiveRouter:
 
         self._cost_batch = None  # per-expert tokens the cost features were computed for
         per_expert = bool(option(router_cfg, "per_expert", False))  # config.validate checks it is a bool
-        self._expert_id = np.eye(self.n_experts, dtype=np.float32)[:, :self.n_experts * per_expert]
+        self._expert_id = np.eye(self.n_experts, dtype=np.float32)[:, :self.n_experts if per_expert else 0]
         self.cost_features = self._decode_cost_features() if self.decode else self._expert_cost_features(64.0)
         self.adapter = self.optimizer = None
         if self.adaptive:
@@ -152,11 +153,9 @@ class AdaptiveRouter:
 
     def thermal_weight(self, temp_c: float) -> float:
         """Thermal weight, raised linearly above the threshold when dynamic_thermal is on."""
-        w = self.obj["thermal_weight"]
         excess = _reading(temp_c) - self.obj["thermal_threshold_c"]
-        if self.dynamic_thermal and excess > 0:
-            w *= 1.0 + self.obj["thermal_boost"] * excess / 10.0
-        return w
+        boost = self.obj["thermal_boost"] * excess / 10.0 if self.dynamic_thermal and excess > 0 else 0.0
+        return self.obj["thermal_weight"] * (1.0 + boost)
 
     def _hw_np(self, sample, latency_ms: float) -> np.ndarray:
         t = self.targets
@@ -166,8 +165,7 @@ class AdaptiveRouter:
         return np.array([min(max(r, 0.0), RATIO_CLAMP) for r in ratios] + over, dtype=np.float32)
 
     def _cost_bias_np(self, strain: dict[str, float], idle=None) -> np.ndarray:
-        """-scale x (energy strain x energy_e + latency strain x latency_e) [x idle_e in decode]: [E], zero
-        under every target."""
+        """-scale x (energy strain x energy_e + latency strain x latency_e) [x idle_e in decode]: [E], 0 unstrained."""
         k = -self.cost_bias_scale
         bias = self._cost_np[:, :2] @ np.array([k * strain["latency"], k * (strain["power"] + strain["temp"])],
                                                dtype=np.float32)
@@ -370,8 +368,8 @@ class AdaptiveRouter:
             logits = torch.from_numpy(np.log(np.maximum(q.T, 1e-38)))
         bias = torch.from_numpy(self._cost_bias_np(self.over_target(sample, latency_ms), idle))
         if self.adaptive:
-            hw = torch.from_numpy(self._hw_np(sample, latency_ms))
-            bias = bias + self.adapter(torch.from_numpy(self._adapter_np), hw)
+            hw_features = torch.from_numpy(self._hw_np(sample, latency_ms))
+            bias = bias + self.adapter(torch.from_numpy(self._adapter_np), hw_features)
         bias = (bias - bias.mean()).clamp(-self.max_bias, self.max_bias)
         hw, drift = loss_autograd(logits, bias, torch.from_numpy(self._loss_np),
                                   self._term_weights(sample, latency_ms), self.obj["task_weight"],
